@@ -68,10 +68,12 @@ def message_errors(messages: object, field: str, *, final_role: str | None) -> l
     errors: list[str] = []
     expected = "system or user"
     previous = None
+    order_known = True  # after a missing or unknown role the expected order is unknown
     for index, message in enumerate(messages):
         where = f"{field}[{index}]"
         if not isinstance(message, dict):
             errors.append(f"{where}: expected an object with role and content")
+            order_known = False
             continue
         unknown = sorted(set(message) - MESSAGE_KEYS)
         if unknown:
@@ -79,11 +81,14 @@ def message_errors(messages: object, field: str, *, final_role: str | None) -> l
         role = message.get("role")
         if "role" not in message:
             errors.append(f"{where}: missing role")
+            order_known = False
         elif role not in ROLES:
             errors.append(f"{where}.role: unknown role {role!r} (expected one of {', '.join(ROLES)})")
-        elif role not in expected.split(" or "):
+            order_known = False
+        elif order_known and role not in expected.split(" or "):
             after = f"after {previous!r}" if previous else "at the start"
             errors.append(f"{where}.role: expected {expected} {after}, got {role!r}")
+            order_known = False
         content = message.get("content")
         if "content" not in message:
             errors.append(f"{where}: missing content")
@@ -91,13 +96,14 @@ def message_errors(messages: object, field: str, *, final_role: str | None) -> l
             errors.append(f"{where}.content: expected a string")
         elif not content.strip():
             errors.append(f"{where}.content: empty")
-        if role in ROLES:
-            previous = role
-            expected = "assistant" if role == "user" else "user"
-    roles = [m.get("role") for m in messages if isinstance(m, dict)]
+        previous = role
+        expected = "assistant" if role == "user" else "user"
+    if errors or not order_known:
+        return errors
+    roles = [m["role"] for m in messages]
     if final_role == "assistant" and "assistant" not in roles:
         errors.append(f"{field}: no assistant turn")
-    elif final_role and roles and roles[-1] != final_role:
+    elif final_role and roles[-1] != final_role:
         errors.append(f"{field}: the last message must be the {final_role}'s, got {roles[-1]!r}")
     return errors
 

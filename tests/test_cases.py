@@ -1,0 +1,67 @@
+"""The gate's evaluation cases: the committed file and each format error."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipeline.cases import Case, load_cases
+from tests.conftest import DATA
+
+
+def test_the_committed_cases_cover_learn_and_keep():
+    errors: list[str] = []
+    cases = load_cases(DATA / "gate_cases.jsonl", errors)
+    assert errors == []
+    kinds = [case.kind for case in cases]
+    assert kinds.count("learn") >= 5 and kinds.count("keep") >= 5
+    hello = next(case for case in cases if "Hello Chris" in case.prompt)
+    assert hello.kind == "learn" and "PROC" in hello.expect
+
+
+def test_a_case_becomes_the_messages_sent_to_the_model():
+    case = Case(id="x", kind="learn", prompt="And now?", expect=("GET",), system="Be brief.",
+                history=({"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}))
+    assert case.messages() == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello"},
+        {"role": "user", "content": "And now?"},
+    ]
+
+
+GOOD = {"id": "a", "kind": "keep", "prompt": "2+2?", "expect": ["4"]}
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ({**GOOD, "kind": "teach"}, "kind: expected 'learn' or 'keep', got 'teach'"),
+        ({**GOOD, "prompt": ""}, "prompt: required, a non-empty string"),
+        ({k: v for k, v in GOOD.items() if k != "id"}, "id: required, a non-empty string"),
+        ({**GOOD, "expect": []}, "expect: expected at least one keyword"),
+        ({**GOOD, "expect": "4"}, "expect: expected a list of non-empty strings"),
+        ({**GOOD, "forbid": [""]}, "forbid: expected a list of non-empty strings"),
+        ({**GOOD, "match": "some"}, "match: expected 'all' or 'any', got 'some'"),
+        ({**GOOD, "regex": "yes"}, "regex: expected true or false"),
+        ({**GOOD, "regex": True, "expect": ["(unclosed"]}, "expect: invalid regex '(unclosed': missing ), unterminated subpattern at position 0"),
+        ({**GOOD, "answer": "4"}, "answer: unknown key"),
+        ({**GOOD, "history": [{"role": "user", "content": "hi"}]}, "history: no assistant turn"),
+        ({**GOOD, "history": [{"role": "system", "content": "s"}]}, 'history[0].role: put the system message in "system"'),
+    ],
+)
+def test_each_bad_case_names_its_line_and_field(tmp_path, row, message):
+    path = tmp_path / "cases.jsonl"
+    path.write_text(json.dumps(GOOD) + "\n" + json.dumps({**row, "id": row.get("id", "b") + "2"} if "id" in row else row) + "\n")
+    errors: list[str] = []
+    load_cases(path, errors)
+    assert len(errors) == 1 and errors[0].startswith(f"{path}:2: {message}")
+
+
+def test_duplicate_case_ids_are_rejected(tmp_path):
+    path = tmp_path / "cases.jsonl"
+    path.write_text(json.dumps(GOOD) + "\n" + json.dumps(GOOD) + "\n")
+    errors: list[str] = []
+    load_cases(path, errors)
+    assert errors == [f"{path}:2: id: duplicate id 'a' (first on line 1)"]

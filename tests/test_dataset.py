@@ -1,0 +1,140 @@
+"""The dataset formats and every validation error, each with its exact `file:line: reason`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline.common import PipelineError
+from pipeline.dataset import llama2_text_to_messages, load_conversations
+from pipeline.prepare import prepare
+from tests.conftest import DATA
+
+
+def write_lines(path: Path, rows: list) -> Path:
+    path.write_text("".join((row if isinstance(row, str) else json.dumps(row)) + "\n" for row in rows))
+    return path
+
+
+def chat(user: str, answer: str = "PROC main:\nENDP", system: str | None = None) -> dict:
+    messages = [{"role": "system", "content": system}] if system else []
+    return {"messages": [*messages, {"role": "user", "content": user}, {"role": "assistant", "content": answer}]}
+
+
+def errors_of(tmp_path: Path, rows: list) -> list[str]:
+    errors: list[str] = []
+    load_conversations(write_lines(tmp_path / "train.jsonl", rows), errors)
+    return [error.split("train.jsonl:", 1)[1] for error in errors]
+
+
+def test_the_committed_dataset_is_valid_and_teaches_opl():
+    errors: list[str] = []
+    train = load_conversations(DATA / "train.jsonl", errors)
+    evaluation = load_conversations(DATA / "eval.jsonl", errors)
+    assert errors == []
+    assert len(train) >= 40 and len(evaluation) >= 5
+    assert sum(1 for e in train if sum(m["role"] == "assistant" for m in e.messages) > 1) >= 5
+    assert sum(1 for e in train if e.messages[0]["role"] == "system") >= 5
+    assert sum(1 for e in train if e.legacy) >= 1
+    answers = " ".join(m["content"] for e in train for m in e.messages if m["role"] == "assistant")
+    for keyword in ("PROC", "ENDP", "LOCAL", "GLOBAL", "PRINT", "GET", "UNTIL", "ENDWH", "%", "$"):
+        assert keyword in answers
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ('{"messages": [}', "1: invalid JSON: Expecting value (column 15)"),
+        ("[1, 2]", "1: expected a JSON object"),
+        ({"messages": [], "id": 3}, "1: id: unknown key (expected \"messages\" or \"text\")"),
+        ({"prompt": "x"}, '1: prompt: unknown key (expected "messages" or "text")'),
+        ({}, '1: expected exactly one of "messages" (chat) or "text" (Llama-2 [INST] format)'),
+        ({"messages": []}, "1: messages: expected a non-empty list of messages"),
+        ({"messages": [{"content": "hi"}, {"role": "assistant", "content": "x"}]}, "1: messages[0]: missing role"),
+        ({"messages": [{"role": "bot", "content": "hi"}]}, "1: messages[0].role: unknown role 'bot' (expected one of system, user, assistant)"),
+        ({"messages": [{"role": "user", "content": "  "}, {"role": "assistant", "content": "x"}]}, "1: messages[0].content: empty"),
+        ({"messages": [{"role": "user"}, {"role": "assistant", "content": "x"}]}, "1: messages[0]: missing content"),
+        ({"messages": [{"role": "user", "content": "a", "name": "x"}, {"role": "assistant", "content": "b"}]}, "1: messages[0]: unknown key 'name' (expected role, content)"),
+        ({"messages": [{"role": "assistant", "content": "a"}]}, "1: messages[0].role: expected system or user at the start, got 'assistant'"),
+        ({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}, {"role": "assistant", "content": "c"}]}, "1: messages[1].role: expected assistant after 'user', got 'user'"),
+        ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "system", "content": "c"}]}, "1: messages[2].role: expected user after 'assistant', got 'system'"),
+        ({"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "a"}]}, "1: messages: no assistant turn"),
+        ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]}, "1: messages: the last message must be the assistant's, got 'user'"),
+        ({"text": "[INST] hi [/INST] there"}, '1: text: not in Llama-2 format "<s>[INST] question [/INST] answer </s>"'),
+        ({"text": "<s>[INST] hi [/INST]  </s>"}, "1: text[1].content: empty"),
+    ],
+)
+def test_each_bad_example_gets_its_own_message(tmp_path, row, message):
+    assert errors_of(tmp_path, [row]) == [message]
+
+
+def test_all_errors_are_reported_at_once_with_their_line_numbers(tmp_path):
+    rows = [chat("one"), "{oops", chat("two"), {"messages": [{"role": "user", "content": "x"}]}, "", chat("ONE  ")]
+    assert errors_of(tmp_path, rows) == [
+        "2: invalid JSON: Expecting property name enclosed in double quotes (column 2)",
+        "4: messages: no assistant turn",
+        "6: duplicate of line 1 (same user turns)",
+    ]
+
+
+def test_legacy_llama2_text_becomes_chat_messages_with_system_and_turns():
+    text = "<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST] Hello </s><s>[INST] Bye [/INST] Goodbye </s>"
+    assert llama2_text_to_messages(text) == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello"},
+        {"role": "user", "content": "Bye"},
+        {"role": "assistant", "content": "Goodbye"},
+    ]
+
+
+def prepare_files(tmp_path: Path, train: list, evaluation: list) -> tuple[Path, Path, Path]:
+    cases = write_lines(tmp_path / "cases.jsonl", [{"id": "c", "kind": "keep", "prompt": "2+2?", "expect": ["4"]}])
+    return write_lines(tmp_path / "train.jsonl", train), write_lines(tmp_path / "eval.jsonl", evaluation), cases
+
+
+def test_prepare_rejects_overlap_between_train_and_eval(tmp_path, tiny_params):
+    files = prepare_files(tmp_path, [chat("How do I print?"), chat("How do I loop?")], [chat("how do I  PRINT?")])
+    with pytest.raises(PipelineError) as raised:
+        prepare(tiny_params, *files)
+    assert f"{files[1]}:1: also in the training set at {files[0]}:1 (same user turns)" in str(raised.value)
+
+
+def test_prepare_rejects_too_long_examples_unless_told_to_drop_them(tmp_path, tiny_params):
+    import dataclasses
+
+    from pipeline.params import DataParams
+
+    long_answer = "PRINT " * 1000
+    files = prepare_files(tmp_path, [chat("short"), chat("long", long_answer)], [chat("other")])
+    with pytest.raises(PipelineError) as raised:
+        prepare(tiny_params, *files)
+    message = str(raised.value)
+    assert f"{files[0]}:2: " in message and "tokens after the chat template > data.max_seq_length 512" in message
+
+    dropping = dataclasses.replace(tiny_params, data=DataParams(max_seq_length=512, drop_too_long=True))
+    splits, metrics = prepare(dropping, *files)
+    assert [m[0]["content"] for m in splits["train"]] == ["short"]
+    assert metrics["train"]["dropped_too_long"] == 1 and metrics["train"]["conversations"] == 1
+
+
+def test_prepare_reports_data_and_case_errors_together(tmp_path, tiny_params):
+    train, evaluation, cases = prepare_files(tmp_path, [chat("a"), "{bad"], [chat("b")])
+    write_lines(cases, [{"id": "x", "kind": "learn", "prompt": "p", "expect": []}])
+    with pytest.raises(PipelineError) as raised:
+        prepare(tiny_params, train, evaluation, cases)
+    message = str(raised.value)
+    assert message.startswith("2 problem(s) in the data:")
+    assert f"{train}:2: invalid JSON" in message and f"{cases}:1: expect: expected at least one keyword" in message
+
+
+def test_prepare_metrics_count_conversations_and_tokens(tmp_path, tiny_params):
+    files = prepare_files(tmp_path, [chat("a", system="S"), chat("b")], [chat("c")])
+    splits, metrics = prepare(tiny_params, *files)
+    assert len(splits["train"]) == 2 and len(splits["eval"]) == 1
+    assert metrics["train"]["with_system"] == 1 and metrics["train"]["multi_turn"] == 0
+    tokens = metrics["train"]["tokens"]
+    assert 0 < tokens["min"] <= tokens["median"] <= tokens["max"] and tokens["total"] == tokens["min"] + tokens["max"]
+    assert metrics["cases"] == {"learn": 0, "keep": 1}

@@ -1,0 +1,80 @@
+"""params.yaml is validated on load, and dvc.yaml lists exactly the params each stage reads."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import yaml
+
+from pipeline.common import PipelineError
+from pipeline.params import parse_params
+from tests.conftest import ROOT
+
+
+def error_of(text: str) -> str:
+    with pytest.raises(PipelineError) as raised:
+        parse_params(text)
+    return str(raised.value)
+
+
+def test_committed_params_load_with_the_documented_defaults(repo_params):
+    assert repo_params.base.model == "smollm2"
+    assert repo_params.train.lora.target_modules == "all-linear"
+    assert repo_params.train.learning_rate == pytest.approx(1e-3)
+    assert repo_params.merge.dtype == "float16"
+
+
+def test_an_empty_file_means_all_defaults():
+    params = parse_params("")
+    assert params.train.seed == 42 and params.base.model == "smollm2"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("train:\n  lora:\n    rank: 8\n", "params.yaml:3: train.lora.rank: unknown key (known: r, alpha, dropout, target_modules)"),
+        ("trian:\n  seed: 1\n", "params.yaml:1: trian: unknown key (known: data, base, train, merge)"),
+        ("train:\n  epochs: three\n", "params.yaml:2: train.epochs: expected an integer, got 'three'"),
+        ("train:\n  qlora: 1\n", "params.yaml:2: train.qlora: expected true or false, got 1"),
+        ("train:\n  learning_rate: 1e-3\n", "train.learning_rate: expected a number, got '1e-3' (YAML reads 1e-3 as a string: write 1.0e-3)"),
+        ("train:\n  learning_rate: 0.0\n", "params.yaml:2: train.learning_rate: must be in (0, 1), got 0.0"),
+        ("train:\n  batch_size: 0\n", "params.yaml:2: train.batch_size: must be > 0, got 0"),
+        ("train:\n  lora:\n    dropout: 1.5\n", "params.yaml:3: train.lora.dropout: must be in [0, 1), got 1.5"),
+        ("train:\n  max_steps: 0\n", "params.yaml:2: train.max_steps: must be -1 or > 0, got 0"),
+        ("train:\n  scheduler: warm\n", "train.scheduler: expected one of 'linear', 'cosine', 'constant', 'constant_with_warmup', got 'warm'"),
+        ("merge:\n  dtype: int4\n", "params.yaml:2: merge.dtype: expected one of 'float16', 'bfloat16', 'float32', got 'int4'"),
+        ("base: smollm2\n", "params.yaml:1: base: expected a mapping of keys"),
+        ("data:\n  max_seq_length: -5\n", "params.yaml:2: data.max_seq_length: must be > 0, got -5"),
+    ],
+)
+def test_bad_params_name_the_line_and_key(text, message):
+    assert message in error_of(text)
+
+
+def test_every_problem_is_reported_at_once_in_file_order():
+    message = error_of("train:\n  epochs: 0\n  bogus: 1\nmerge:\n  atol: -1\n")
+    lines = message.splitlines()[1:]
+    assert [line.strip().split(":")[1] for line in lines] == ["2", "3", "5"]
+
+
+def test_invalid_yaml_is_one_clear_error():
+    assert error_of("train: [unclosed\n").startswith("params.yaml: invalid YAML")
+
+
+STAGES = {"prepare": "pipeline.prepare", "base": "pipeline.base", "train": "pipeline.train", "merge": "pipeline.merge"}
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_dvc_yaml_lists_exactly_the_params_the_stage_reads(stage):
+    dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    declared = importlib.import_module(STAGES[stage]).PARAMS
+    assert sorted(dvc["stages"][stage]["params"]) == sorted(declared)
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_dvc_yaml_runs_the_stage_module_and_tracks_its_code(stage):
+    spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][stage]
+    module = STAGES[stage]
+    assert spec["cmd"].startswith(f"python -m {module} ")
+    assert module.replace(".", "/") + ".py" in spec["deps"]
