@@ -1,6 +1,6 @@
 """Stage `base`: materialise the base model (weights + tokenizer) as a local safetensors directory.
 
-    python -m pipeline.base --corpus data/train.jsonl --out models/base
+python -m pipeline.base --corpus data/train.jsonl --out models/base
 """
 
 from __future__ import annotations

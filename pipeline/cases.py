@@ -74,7 +74,12 @@ def case_errors(row: object) -> list[str]:
         errors.append("system: expected a non-empty string")
     if "history" in row:
         history = row["history"]
-        if isinstance(history, list) and history and isinstance(history[0], dict) and history[0].get("role") == "system":
+        if (
+            isinstance(history, list)
+            and history
+            and isinstance(history[0], dict)
+            and history[0].get("role") == "system"
+        ):
             errors.append('history[0].role: put the system message in "system"')
         else:
             errors.extend(message_errors(history, "history", final_role="assistant"))

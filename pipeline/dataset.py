@@ -114,7 +114,7 @@ def parse_example(row: object) -> tuple[list[dict] | None, bool, list[str]]:
         return None, False, ["expected a JSON object"]
     unknown = sorted(set(row) - {"messages", "text"})
     if unknown:
-        return None, False, [f"{unknown[0]}: unknown key (expected \"messages\" or \"text\")"]
+        return None, False, [f'{unknown[0]}: unknown key (expected "messages" or "text")']
     if ("messages" in row) == ("text" in row):
         return None, False, ['expected exactly one of "messages" (chat) or "text" (Llama-2 [INST] format)']
     if "text" in row:

@@ -66,16 +66,19 @@ def merge(base_dir: Path, adapter_dir: Path, conversations: list[list[dict]], pa
     merged = model.merge_and_unload(safe_merge=True).eval()
     merge_diff, _ = compare(reference, logits(merged, batch))
     if merge_diff > params.merge_atol:
-        raise PipelineError(f"merged model differs from the adapter model: max |Δlogit| {merge_diff:.2e} > merge.merge_atol")
+        raise PipelineError(
+            f"merged model differs from the adapter model: max |Δlogit| {merge_diff:.2e} > merge.merge_atol"
+        )
 
     # Round the weights to the saved dtype, then measure what the saved model will compute.
     dtype = getattr(torch, params.dtype)
     merged.to(dtype).to(torch.float32)
     saved_diff, top1 = compare(reference, logits(merged, batch))
-    if saved_diff > params.atol:
+    if saved_diff > params.atol or top1 < params.min_top1_agreement:
         raise PipelineError(
-            f"merged model saved as {params.dtype} differs from the adapter model: "
-            f"max |Δlogit| {saved_diff:.4f} > merge.atol {params.atol}"
+            f"merged model saved as {params.dtype} differs from the adapter model: max |Δlogit| {saved_diff:.4f} "
+            f"(merge.atol {params.atol}), top-1 agreement {top1:.4f} (merge.min_top1_agreement "
+            f"{params.min_top1_agreement})"
         )
     merged.to(dtype)
     vocab_size = check_vocab_consistency(merged, tokenizer, "merged model")

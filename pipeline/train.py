@@ -135,8 +135,15 @@ class KeepBestAdapter:
                     parameter.copy_(self.snapshot[name])
 
 
-def build_trainer(model_dir: Path, train_rows: list[dict], eval_rows: list[dict], train: TrainParams,
-                  data: DataParams, output_dir: Path, device: Device | None = None):
+def build_trainer(
+    model_dir: Path,
+    train_rows: list[dict],
+    eval_rows: list[dict],
+    train: TrainParams,
+    data: DataParams,
+    output_dir: Path,
+    device: Device | None = None,
+):
     """(trainer, tokenizer, shipped chat template, embeddings resized?, keeper): everything but .train()."""
     from datasets import Dataset
     from peft import LoraConfig
@@ -207,7 +214,9 @@ def build_trainer(model_dir: Path, train_rows: list[dict], eval_rows: list[dict]
 def loss_curves(log_history: list[dict]) -> tuple[list[dict], list[dict]]:
     train = [{"step": e["step"], "epoch": round(e["epoch"], 4), "loss": e["loss"]} for e in log_history if "loss" in e]
     evals = [
-        {"step": e["step"], "epoch": round(e["epoch"], 4), "loss": e["eval_loss"]} for e in log_history if "eval_loss" in e
+        {"step": e["step"], "epoch": round(e["epoch"], 4), "loss": e["eval_loss"]}
+        for e in log_history
+        if "eval_loss" in e
     ]
     return train, evals
 

@@ -18,7 +18,9 @@ def resize_embeddings(model, size: int) -> None:
     if size <= old:
         return
     with torch.no_grad():
-        for embedding in {id(e): e for e in (model.get_input_embeddings(), model.get_output_embeddings()) if e}.values():
+        for embedding in {
+            id(e): e for e in (model.get_input_embeddings(), model.get_output_embeddings()) if e
+        }.values():
             embedding.weight[old:] = embedding.weight[:old].mean(dim=0)
 
 

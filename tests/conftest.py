@@ -11,8 +11,8 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may reach a model hub
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
-from pipeline.dataset import corpus_texts  # noqa: E402
-from pipeline.params import BaseParams, Params, load_params  # noqa: E402
+from pipeline.dataset import corpus_texts
+from pipeline.params import BaseParams, Params, load_params
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "data"

@@ -21,8 +21,14 @@ def test_the_committed_cases_cover_learn_and_keep():
 
 
 def test_a_case_becomes_the_messages_sent_to_the_model():
-    case = Case(id="x", kind="learn", prompt="And now?", expect=("GET",), system="Be brief.",
-                history=({"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}))
+    case = Case(
+        id="x",
+        kind="learn",
+        prompt="And now?",
+        expect=("GET",),
+        system="Be brief.",
+        history=({"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}),
+    )
     assert case.messages() == [
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "Hi"},
@@ -45,15 +51,23 @@ GOOD = {"id": "a", "kind": "keep", "prompt": "2+2?", "expect": ["4"]}
         ({**GOOD, "forbid": [""]}, "forbid: expected a list of non-empty strings"),
         ({**GOOD, "match": "some"}, "match: expected 'all' or 'any', got 'some'"),
         ({**GOOD, "regex": "yes"}, "regex: expected true or false"),
-        ({**GOOD, "regex": True, "expect": ["(unclosed"]}, "expect: invalid regex '(unclosed': missing ), unterminated subpattern at position 0"),
+        (
+            {**GOOD, "regex": True, "expect": ["(unclosed"]},
+            "expect: invalid regex '(unclosed': missing ), unterminated subpattern at position 0",
+        ),
         ({**GOOD, "answer": "4"}, "answer: unknown key"),
         ({**GOOD, "history": [{"role": "user", "content": "hi"}]}, "history: no assistant turn"),
-        ({**GOOD, "history": [{"role": "system", "content": "s"}]}, 'history[0].role: put the system message in "system"'),
+        (
+            {**GOOD, "history": [{"role": "system", "content": "s"}]},
+            'history[0].role: put the system message in "system"',
+        ),
     ],
 )
 def test_each_bad_case_names_its_line_and_field(tmp_path, row, message):
     path = tmp_path / "cases.jsonl"
-    path.write_text(json.dumps(GOOD) + "\n" + json.dumps({**row, "id": row.get("id", "b") + "2"} if "id" in row else row) + "\n")
+    path.write_text(
+        json.dumps(GOOD) + "\n" + json.dumps({**row, "id": row.get("id", "b") + "2"} if "id" in row else row) + "\n"
+    )
     errors: list[str] = []
     load_cases(path, errors)
     assert len(errors) == 1 and errors[0].startswith(f"{path}:2: {message}")

@@ -48,21 +48,66 @@ def test_the_committed_dataset_is_valid_and_teaches_opl():
     [
         ('{"messages": [}', "1: invalid JSON: Expecting value (column 15)"),
         ("[1, 2]", "1: expected a JSON object"),
-        ({"messages": [], "id": 3}, "1: id: unknown key (expected \"messages\" or \"text\")"),
+        ({"messages": [], "id": 3}, '1: id: unknown key (expected "messages" or "text")'),
         ({"prompt": "x"}, '1: prompt: unknown key (expected "messages" or "text")'),
         ({}, '1: expected exactly one of "messages" (chat) or "text" (Llama-2 [INST] format)'),
         ({"messages": []}, "1: messages: expected a non-empty list of messages"),
         ({"messages": [{"content": "hi"}, {"role": "assistant", "content": "x"}]}, "1: messages[0]: missing role"),
-        ({"messages": [{"role": "bot", "content": "hi"}]}, "1: messages[0].role: unknown role 'bot' (expected one of system, user, assistant)"),
-        ({"messages": [{"role": "user", "content": "  "}, {"role": "assistant", "content": "x"}]}, "1: messages[0].content: empty"),
+        (
+            {"messages": [{"role": "bot", "content": "hi"}]},
+            "1: messages[0].role: unknown role 'bot' (expected one of system, user, assistant)",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "  "}, {"role": "assistant", "content": "x"}]},
+            "1: messages[0].content: empty",
+        ),
         ({"messages": [{"role": "user"}, {"role": "assistant", "content": "x"}]}, "1: messages[0]: missing content"),
-        ({"messages": [{"role": "user", "content": "a", "name": "x"}, {"role": "assistant", "content": "b"}]}, "1: messages[0]: unknown key 'name' (expected role, content)"),
-        ({"messages": [{"role": "assistant", "content": "a"}]}, "1: messages[0].role: expected system or user at the start, got 'assistant'"),
-        ({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}, {"role": "assistant", "content": "c"}]}, "1: messages[1].role: expected assistant after 'user', got 'user'"),
-        ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "system", "content": "c"}]}, "1: messages[2].role: expected user after 'assistant', got 'system'"),
-        ({"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "a"}]}, "1: messages: no assistant turn"),
-        ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]}, "1: messages: the last message must be the assistant's, got 'user'"),
-        ({"text": "[INST] hi [/INST] there"}, '1: text: not in Llama-2 format "<s>[INST] question [/INST] answer </s>"'),
+        (
+            {"messages": [{"role": "user", "content": "a", "name": "x"}, {"role": "assistant", "content": "b"}]},
+            "1: messages[0]: unknown key 'name' (expected role, content)",
+        ),
+        (
+            {"messages": [{"role": "assistant", "content": "a"}]},
+            "1: messages[0].role: expected system or user at the start, got 'assistant'",
+        ),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": "a"},
+                    {"role": "user", "content": "b"},
+                    {"role": "assistant", "content": "c"},
+                ]
+            },
+            "1: messages[1].role: expected assistant after 'user', got 'user'",
+        ),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": "a"},
+                    {"role": "assistant", "content": "b"},
+                    {"role": "system", "content": "c"},
+                ]
+            },
+            "1: messages[2].role: expected user after 'assistant', got 'system'",
+        ),
+        (
+            {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "a"}]},
+            "1: messages: no assistant turn",
+        ),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": "a"},
+                    {"role": "assistant", "content": "b"},
+                    {"role": "user", "content": "c"},
+                ]
+            },
+            "1: messages: the last message must be the assistant's, got 'user'",
+        ),
+        (
+            {"text": "[INST] hi [/INST] there"},
+            '1: text: not in Llama-2 format "<s>[INST] question [/INST] answer </s>"',
+        ),
         ({"text": "<s>[INST] hi [/INST]  </s>"}, "1: text[1].content: empty"),
     ],
 )

@@ -33,17 +33,29 @@ def test_an_empty_file_means_all_defaults():
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("train:\n  lora:\n    rank: 8\n", "params.yaml:3: train.lora.rank: unknown key (known: r, alpha, dropout, target_modules)"),
+        (
+            "train:\n  lora:\n    rank: 8\n",
+            "params.yaml:3: train.lora.rank: unknown key (known: r, alpha, dropout, target_modules)",
+        ),
         ("trian:\n  seed: 1\n", "params.yaml:1: trian: unknown key (known: data, base, train, merge)"),
         ("train:\n  epochs: three\n", "params.yaml:2: train.epochs: expected an integer, got 'three'"),
         ("train:\n  qlora: 1\n", "params.yaml:2: train.qlora: expected true or false, got 1"),
-        ("train:\n  learning_rate: 1e-3\n", "train.learning_rate: expected a number, got '1e-3' (YAML reads 1e-3 as a string: write 1.0e-3)"),
+        (
+            "train:\n  learning_rate: 1e-3\n",
+            "train.learning_rate: expected a number, got '1e-3' (YAML reads 1e-3 as a string: write 1.0e-3)",
+        ),
         ("train:\n  learning_rate: 0.0\n", "params.yaml:2: train.learning_rate: must be in (0, 1), got 0.0"),
         ("train:\n  batch_size: 0\n", "params.yaml:2: train.batch_size: must be > 0, got 0"),
         ("train:\n  lora:\n    dropout: 1.5\n", "params.yaml:3: train.lora.dropout: must be in [0, 1), got 1.5"),
         ("train:\n  max_steps: 0\n", "params.yaml:2: train.max_steps: must be -1 or > 0, got 0"),
-        ("train:\n  scheduler: warm\n", "train.scheduler: expected one of 'linear', 'cosine', 'constant', 'constant_with_warmup', got 'warm'"),
-        ("merge:\n  dtype: int4\n", "params.yaml:2: merge.dtype: expected one of 'float16', 'bfloat16', 'float32', got 'int4'"),
+        (
+            "train:\n  scheduler: warm\n",
+            "train.scheduler: expected one of 'linear', 'cosine', 'constant', 'constant_with_warmup', got 'warm'",
+        ),
+        (
+            "merge:\n  dtype: int4\n",
+            "params.yaml:2: merge.dtype: expected one of 'float16', 'bfloat16', 'float32', got 'int4'",
+        ),
         ("base: smollm2\n", "params.yaml:1: base: expected a mapping of keys"),
         ("data:\n  max_seq_length: -5\n", "params.yaml:2: data.max_seq_length: must be > 0, got -5"),
     ],

@@ -1,0 +1,91 @@
+"""`dvc repro` on a fresh copy of the repository with the tiny model: real DVC, real stages."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+
+def run(command: list[str], cwd: Path) -> str:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout}\n{result.stderr}"
+    return result.stdout + result.stderr
+
+
+@pytest.fixture(scope="module")
+def clone(tmp_path_factory) -> Path:
+    """A fresh git repository holding the project's files, switched to base.model: tiny."""
+    work = tmp_path_factory.mktemp("clone")
+    files = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    for name in files:
+        source = ROOT / name
+        if source.is_file():
+            (work / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, work / name)
+    params = work / "params.yaml"
+    params.write_text(params.read_text().replace("model: smollm2 ", "model: tiny "))
+    (work / "dvc.lock").unlink(missing_ok=True)  # the committed lock is for smollm2
+    run(["git", "init", "-q"], work)
+    run(["git", "add", "-A"], work)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@example.invalid", "commit", "-qm", "clone"], work)
+    return work
+
+
+@pytest.fixture(scope="module")
+def first_repro(clone) -> str:
+    return run(["dvc", "repro"], clone)
+
+
+def test_dvc_repro_runs_prepare_base_train_merge_offline(clone, first_repro):
+    for stage in ("prepare", "base", "train", "merge"):
+        assert f"Running stage '{stage}'" in first_repro
+    assert (clone / "models" / "merged" / "model.safetensors").is_file()
+    assert json.loads((clone / "metrics" / "merge.json").read_text())["vocab_size"] == 513
+    assert json.loads((clone / "metrics" / "data.json").read_text())["train"]["conversations"] >= 40
+    lock = (clone / "dvc.lock").read_text()
+    assert "models/merged" in lock and "data/prepared" in lock
+
+
+def test_a_second_repro_reruns_nothing(clone, first_repro):
+    second = run(["dvc", "repro"], clone)
+    assert "Running stage" not in second
+    assert "Data and pipelines are up to date." in run(["dvc", "status"], clone)
+
+
+def test_editing_only_the_evaluation_cases_does_not_retrain(clone, first_repro):
+    cases = clone / "data" / "gate_cases.jsonl"
+    extra = {
+        "id": "keep-capital-spain",
+        "kind": "keep",
+        "prompt": "What is the capital of Spain?",
+        "expect": ["Madrid"],
+    }
+    cases.write_text(cases.read_text() + json.dumps(extra) + "\n")
+    output = run(["dvc", "repro"], clone)
+    assert "Running stage 'prepare'" in output  # the cases are validated again ...
+    for stage in ("base", "train", "merge"):  # ... but the prepared data did not change
+        assert f"Running stage '{stage}'" not in output
+    assert json.loads((clone / "metrics" / "data.json").read_text())["cases"]["keep"] == 9
+
+
+def test_metrics_and_loss_plots_are_visible_to_dvc(clone, first_repro):
+    shown = json.loads(run(["dvc", "metrics", "show", "--json"], clone))
+    files = next(iter(shown.values()))["data"]
+    assert {"metrics/data.json", "metrics/train.json", "metrics/merge.json"} <= set(files)
+    plots = json.loads(run(["dvc", "plots", "show", "--json", "--split"], clone))
+    assert "Loss" in plots

@@ -1,0 +1,66 @@
+"""Training templates: identical text to the shipped template, loss on assistant tokens only."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.chat_templates import check_parity, training_template
+from pipeline.common import PipelineError
+from tests.conftest import MULTI_TURN
+
+
+def trained_runs(ids: list[int], trained: list[bool]) -> list[list[int]]:
+    """Contiguous runs of trained token ids."""
+    runs: list[list[int]] = []
+    for position, (token, on) in enumerate(zip(ids, trained, strict=True)):
+        if on and (position == 0 or not trained[position - 1]):
+            runs.append([])
+        if on:
+            runs[-1].append(token)
+    return runs
+
+
+@pytest.mark.parametrize("tokenizer_fixture", ["tiny_tokenizer", "smollm2_tokenizer"])
+def test_training_template_renders_every_conversation_of_the_dataset_like_the_shipped_one(
+    request, tokenizer_fixture, dataset_conversations
+):
+    tokenizer = request.getfixturevalue(tokenizer_fixture)
+    training = training_template(tokenizer)
+    assert "{% generation %}" in training and "{% generation %}" not in tokenizer.chat_template
+    check_parity(tokenizer, training, [*dataset_conversations, MULTI_TURN])
+
+
+def test_parity_check_fails_loudly_on_a_template_that_drifts(tiny_tokenizer):
+    drifted = training_template(tiny_tokenizer).replace("[/INST]", "[/INST]\n")
+    with pytest.raises(PipelineError, match="renders conversation 0 differently"):
+        check_parity(tiny_tokenizer, drifted, [MULTI_TURN])
+
+
+def test_an_unknown_template_without_a_training_variant_is_a_clear_error(tiny_tokenizer):
+    import copy
+
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    tokenizer.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    with pytest.raises(PipelineError, match="add one with \\{% generation %\\} markers to TRAINING_TEMPLATES"):
+        training_template(tokenizer)
+
+
+def test_smollm2_assistant_mask_covers_each_answer_and_its_im_end_exactly(smollm2_tokenizer):
+    # The same call TRL makes for assistant_only_loss, on SmolLM2's real tokenizer.
+    encoded = smollm2_tokenizer.apply_chat_template(
+        MULTI_TURN,
+        chat_template=training_template(smollm2_tokenizer),
+        return_dict=True,
+        return_assistant_tokens_mask=True,
+    )
+    shipped = smollm2_tokenizer.apply_chat_template(MULTI_TURN, return_dict=True)["input_ids"]
+    assert encoded["input_ids"] == shipped
+    runs = trained_runs(encoded["input_ids"], [bool(m) for m in encoded["assistant_masks"]])
+    assert [smollm2_tokenizer.decode(run) for run in runs] == [
+        'PROC main:\n  PRINT "Hello Chris"\nENDP<|im_end|>',
+        'PROC main:\n  PRINT "Hello Chris"\n  GET\nENDP<|im_end|>',
+    ]
+    # The role header before each answer is not trained.
+    for run in runs:
+        start = next(i for i in range(len(shipped)) if shipped[i : i + len(run)] == run)
+        assert smollm2_tokenizer.decode(shipped[start - 3 : start]) == "<|im_start|>assistant\n"
