@@ -49,6 +49,10 @@ def split_stats(examples: list[Example], lengths: list[int], dropped: int) -> di
     }
 
 
+def data_error(errors: list[str]) -> PipelineError:
+    return PipelineError(f"{len(errors)} problem(s) in the data:\n  " + "\n  ".join(errors))
+
+
 def prepare(params: Params, train_path: Path, eval_path: Path, cases_path: Path) -> tuple[dict, dict]:
     """(prepared splits as message lists, metrics); raises one PipelineError listing every problem."""
     errors: list[str] = []
@@ -58,6 +62,7 @@ def prepare(params: Params, train_path: Path, eval_path: Path, cases_path: Path)
     errors.extend(overlap_errors(train, evaluation))
     if not train:
         errors.append(f"{train_path}: no valid conversations")
+        raise data_error(errors)  # nothing to measure lengths with
     with tempfile.TemporaryDirectory() as scratch:
         corpus = [m["content"] for example in train for m in example.messages]
         count = token_counter(load_tokenizer(params.base, corpus, Path(scratch)))
@@ -65,7 +70,7 @@ def prepare(params: Params, train_path: Path, eval_path: Path, cases_path: Path)
         train, train_lengths, train_dropped = length_check(train, count, limit, drop=drop, errors=errors)
         evaluation, eval_lengths, eval_dropped = length_check(evaluation, count, limit, drop=drop, errors=errors)
     if errors:
-        raise PipelineError(f"{len(errors)} problem(s) in the data:\n  " + "\n  ".join(errors))
+        raise data_error(errors)
     metrics = {
         "train": split_stats(train, train_lengths, train_dropped),
         "eval": split_stats(evaluation, eval_lengths, eval_dropped),

@@ -47,6 +47,10 @@ def train_sentencepiece(texts: list[str]) -> bytes:
     """A BPE SentencePiece model trained on `texts`; single-threaded so the result is reproducible."""
     import sentencepiece as spm
 
+    from pipeline.common import PipelineError
+
+    if not any(text.strip() for text in texts):
+        raise PipelineError("tiny: no text to train its tokenizer on (the training data is empty)")
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(texts),

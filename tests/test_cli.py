@@ -63,8 +63,9 @@ def prepare_with(tmp_path, train: str, params: str | None) -> subprocess.Complet
 def test_bad_data_stops_prepare_with_file_and_line_and_writes_nothing(tmp_path):
     result = prepare_with(tmp_path, '{"messages": [{"role": "user", "content": "hi"}]}\n', "base:\n  model: tiny\n")
     assert result.returncode == 1 and "Traceback" not in result.stderr
+    train = tmp_path / "train.jsonl"
     assert (
-        f"error: 1 problem(s) in the data:\n  {tmp_path / 'train.jsonl'}:1: messages: no assistant turn"
+        f"error: 2 problem(s) in the data:\n  {train}:1: messages: no assistant turn\n  {train}: no valid conversations"
         in result.stderr
     )
     assert not (tmp_path / "out").exists() and not (tmp_path / "data.json").exists()

@@ -87,5 +87,6 @@ def test_metrics_and_loss_plots_are_visible_to_dvc(clone, first_repro):
     shown = json.loads(run(["dvc", "metrics", "show", "--json"], clone))
     files = next(iter(shown.values()))["data"]
     assert {"metrics/data.json", "metrics/train.json", "metrics/merge.json"} <= set(files)
-    plots = json.loads(run(["dvc", "plots", "show", "--json", "--split"], clone))
-    assert "Loss" in plots
+    plots = run(["dvc", "plots", "show", "--json"], clone)
+    loss = json.loads(plots)["data"]["Loss"]
+    assert loss and "plots/train/loss.tsv" in plots and "plots/eval/loss.tsv" in plots

@@ -60,7 +60,7 @@ def test_smollm2_assistant_mask_covers_each_answer_and_its_im_end_exactly(smollm
         'PROC main:\n  PRINT "Hello Chris"\nENDP<|im_end|>',
         'PROC main:\n  PRINT "Hello Chris"\n  GET\nENDP<|im_end|>',
     ]
-    # The role header before each answer is not trained.
+    # Each answer starts right after its (untrained) role header.
     for run in runs:
         start = next(i for i in range(len(shipped)) if shipped[i : i + len(run)] == run)
-        assert smollm2_tokenizer.decode(shipped[start - 3 : start]) == "<|im_start|>assistant\n"
+        assert smollm2_tokenizer.decode(shipped[:start]).endswith("<|im_start|>assistant\n")
