@@ -40,16 +40,24 @@ def _temp_sibling(path: Path, suffix: str = "") -> Path:
     return Path(name)
 
 
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write to a temporary file next to `path`, then rename: readers never see half a file."""
+@contextlib.contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path next to `path` that replaces it only if the block succeeds: readers
+    never see half a file, and a failed write leaves the previous file (or none) in place."""
     path = Path(path)
     tmp = _temp_sibling(path)
     try:
-        tmp.write_text(text, encoding="utf-8")
+        yield tmp
         tmp.chmod(0o644)  # mkstemp creates 0600
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write to a temporary file next to `path`, then rename."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def write_json_atomic(path: str | Path, data: Any) -> None:

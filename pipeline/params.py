@@ -78,6 +78,17 @@ class TrainParams:
     bf16: bool | Literal["auto"] = "auto"
     # Concatenate each batch without pad tokens (position ids keep the sequences apart): no compute on padding.
     padding_free: bool = True
+    # Pack conversations into rows of data.max_seq_length tokens (best-fit; loss masking unchanged).
+    packing: bool = False
+    optimizer: Literal["adamw_torch", "adamw_torch_fused", "paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit"] = (
+        "adamw_torch"
+    )
+    # Liger kernels (CUDA, needs the liger-kernel package).
+    liger: bool = False
+    # > 1: run under torchrun with one process per GPU (DDP); batch_size is split between them.
+    num_processes: int = field(default=1, metadata=POSITIVE)
+    # Save a resumable checkpoint every N optimizer steps; 0 = at the end of every epoch.
+    checkpoint_steps: int = field(default=0, metadata=NON_NEGATIVE)
     # Evaluations (one per epoch) without a better eval loss before training stops; 0 = never stop early.
     early_stopping_patience: int = field(default=2, metadata=NON_NEGATIVE)
     logging_steps: int = field(default=1, metadata=POSITIVE)

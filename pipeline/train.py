@@ -4,17 +4,23 @@
         --metrics metrics/train.json --plots plots
 
 Loss on assistant tokens only (every assistant turn), through the model's own chat template;
-eval loss each epoch; early stopping keeps the best epoch's adapter.
+eval loss each epoch; early stopping keeps the best epoch's adapter. Checkpoints go outside
+DVC's outputs (see `checkpoint_root`), so a rerun with the same inputs resumes where an
+interrupted run stopped. `train.num_processes > 1` relaunches this stage under torchrun (DDP).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import math
+import os
 import shutil
-import tempfile
+import subprocess
+import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from pipeline.chat_templates import check_parity, training_template
@@ -32,6 +38,14 @@ from pipeline.params import DataParams, TrainParams, load_params
 from pipeline.vocab import check_vocab_consistency, ensure_pad_token
 
 PARAMS = ("train", "data.max_seq_length")
+# Where interrupted runs keep their checkpoints: not a DVC output (DVC deletes those before a
+# rerun) and outside the GitLab build directory on the rig (see runner/).
+CHECKPOINTS_ENV = "LLM_GITOPS_CHECKPOINTS"
+DEFAULT_CHECKPOINTS = Path(".cache") / "checkpoints"
+KEEPER_FILE = "keep_best.json"
+BEST_ADAPTER_FILE = "best_adapter.safetensors"
+# Optimizers that live in bitsandbytes' CUDA kernels.
+CUDA_OPTIMIZERS = ("paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit")
 
 log = get_logger("train")
 
@@ -40,13 +54,15 @@ log = get_logger("train")
 class Device:
     cuda: bool
     bf16: bool  # bf16 is fast here: a CUDA GPU with bf16, or a CPU with AMX / AVX512-BF16
+    tf32: bool = False  # Ampere or newer
 
     @classmethod
     def detect(cls) -> Device:
         import torch
 
         if torch.cuda.is_available():
-            return cls(cuda=True, bf16=torch.cuda.is_bf16_supported())
+            ampere = torch.cuda.get_device_capability()[0] >= 8
+            return cls(cuda=True, bf16=torch.cuda.is_bf16_supported(), tf32=ampere)
         return cls(cuda=False, bf16=torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
@@ -61,6 +77,22 @@ def check_device(train: TrainParams, device: Device) -> None:
             "train.qlora: true needs a CUDA GPU (bitsandbytes 4-bit) and none was found; "
             "set train.qlora: false to train plain LoRA here"
         )
+    if train.optimizer in CUDA_OPTIMIZERS and not device.cuda:
+        raise PipelineError(f"train.optimizer: {train.optimizer} needs a CUDA GPU; use adamw_torch here")
+    if train.liger:
+        import importlib.util
+
+        if not device.cuda or importlib.util.find_spec("liger_kernel") is None:
+            raise PipelineError("train.liger: true needs a CUDA GPU and the liger-kernel package")
+    if train.batch_size % train.num_processes:
+        raise PipelineError(
+            f"train.batch_size {train.batch_size} must be divisible by train.num_processes {train.num_processes} "
+            "(each process takes an equal share of every batch)"
+        )
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def load_model(model_dir: Path, train: TrainParams, device: Device):
@@ -74,18 +106,25 @@ def load_model(model_dir: Path, train: TrainParams, device: Device):
         from accelerate import PartialState
         from transformers import BitsAndBytesConfig
 
+        compute = torch.bfloat16 if device.bf16 else torch.float16
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16 if device.bf16 else torch.float16,
+            bnb_4bit_compute_dtype=compute,
+            bnb_4bit_quant_storage=compute,  # a float storage dtype lets FSDP shard the 4-bit weights
         )
+        # One full copy per process; "auto" would split layers across GPUs and silently disable DDP.
         kwargs["device_map"] = {"": PartialState().local_process_index}
     model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
     if train.qlora:
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=_checkpointing(train, device))
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=_checkpointing(train, device),
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
     return model, tokenizer
 
 
@@ -95,7 +134,9 @@ def _checkpointing(train: TrainParams, device: Device) -> bool:
 
 @dataclass
 class KeepBestAdapter:
-    """Snapshot the trainable (LoRA) weights at the best eval loss; stop after `patience` worse evals."""
+    """Snapshot the trainable (LoRA) weights at the best eval loss; stop after `patience` worse evals.
+
+    Its state is saved into every checkpoint, so a resumed run keeps the same best and patience."""
 
     patience: int
     best_loss: float = math.inf
@@ -103,6 +144,24 @@ class KeepBestAdapter:
     worse_evals: int = 0
     stopped_early: bool = False
     snapshot: dict = field(default_factory=dict)
+
+    def save(self, folder: Path) -> None:
+        from safetensors.torch import save_file
+
+        if self.snapshot:
+            save_file({n: t.contiguous() for n, t in self.snapshot.items()}, folder / BEST_ADAPTER_FILE)
+        state = {k: v for k, v in asdict(self).items() if k != "snapshot"}
+        (folder / KEEPER_FILE).write_text(json.dumps(state))
+
+    def load(self, folder: Path) -> None:
+        from safetensors.torch import load_file
+
+        if not (folder / KEEPER_FILE).is_file():
+            return  # interrupted between the checkpoint and this state: start the bookkeeping afresh
+        for key, value in json.loads((folder / KEEPER_FILE).read_text()).items():
+            setattr(self, key, value)
+        if (folder / BEST_ADAPTER_FILE).is_file():
+            self.snapshot = load_file(folder / BEST_ADAPTER_FILE)
 
     def callback(self):
         from transformers import TrainerCallback
@@ -121,6 +180,10 @@ class KeepBestAdapter:
                     keeper.worse_evals += 1
                     if keeper.patience and keeper.worse_evals >= keeper.patience:
                         keeper.stopped_early = control.should_training_stop = True
+
+            def on_save(self, args, state, control, **kwargs):
+                if state.is_world_process_zero:
+                    keeper.save(Path(args.output_dir) / f"checkpoint-{state.global_step}")
 
         return _Callback()
 
@@ -166,10 +229,12 @@ def build_trainer(
         output_dir=str(output_dir),
         assistant_only_loss=True,
         # prepare has already rejected (or dropped) longer conversations; padding-free needs no truncation
-        max_length=None if train.padding_free else data.max_seq_length,
+        max_length=None if train.padding_free and not train.packing else data.max_seq_length,
         padding_free=train.padding_free,
-        per_device_train_batch_size=train.batch_size,
-        per_device_eval_batch_size=train.batch_size,
+        packing=train.packing,
+        # each process takes an equal share, so steps per epoch do not depend on num_processes
+        per_device_train_batch_size=train.batch_size // train.num_processes,
+        per_device_eval_batch_size=train.batch_size // train.num_processes,
         gradient_accumulation_steps=train.grad_accum,
         learning_rate=train.learning_rate,
         num_train_epochs=train.epochs,
@@ -178,8 +243,11 @@ def build_trainer(
         warmup_steps=train.warmup_ratio,  # a float < 1 is a ratio of the total steps
         weight_decay=train.weight_decay,
         max_grad_norm=train.max_grad_norm,
+        optim=train.optimizer,
         eval_strategy="epoch",
-        save_strategy="no",  # the best adapter is kept in memory by KeepBestAdapter
+        save_strategy="steps" if train.checkpoint_steps else "epoch",
+        save_steps=train.checkpoint_steps or 500,
+        save_total_limit=1,  # only the newest checkpoint is needed to resume
         logging_strategy="steps",
         logging_steps=train.logging_steps,
         report_to="none",
@@ -187,8 +255,12 @@ def build_trainer(
         data_seed=train.seed,
         use_cpu=not device.cuda,
         bf16=use_bf16(train, device),
+        tf32=True if device.tf32 else None,
+        use_liger_kernel=train.liger,
         gradient_checkpointing=checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None,
+        ddp_backend="gloo" if world_size() > 1 and not device.cuda else None,
+        ddp_find_unused_parameters=False,
         dataloader_num_workers=0,
     )
     lora = LoraConfig(
@@ -211,14 +283,34 @@ def build_trainer(
     return trainer, tokenizer, shipped, resized, keeper
 
 
+def checkpoint_root() -> Path:
+    return Path(os.environ.get(CHECKPOINTS_ENV) or DEFAULT_CHECKPOINTS)
+
+
+def inputs_fingerprint(base_dir: Path, data_dir: Path, train: TrainParams, data: DataParams) -> str:
+    """Hash of everything a training run depends on: same inputs -> same checkpoint folder."""
+    digest = hashlib.sha256(json.dumps([asdict(train), data.max_seq_length], sort_keys=True).encode())
+    for folder in (base_dir, data_dir):
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            digest.update(str(path.relative_to(folder)).encode())
+            with open(path, "rb") as handle:
+                digest.update(hashlib.file_digest(handle, "sha256").digest())
+    return digest.hexdigest()[:16]
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    """The newest complete checkpoint (trainer_state.json is the last file the Trainer writes)."""
+    if not folder.is_dir():
+        return None
+    complete = [p for p in folder.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
+    return max(complete, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+
 def loss_curves(log_history: list[dict]) -> tuple[list[dict], list[dict]]:
-    train = [{"step": e["step"], "epoch": round(e["epoch"], 4), "loss": e["loss"]} for e in log_history if "loss" in e]
-    evals = [
-        {"step": e["step"], "epoch": round(e["epoch"], 4), "loss": e["eval_loss"]}
-        for e in log_history
-        if "eval_loss" in e
-    ]
-    return train, evals
+    def curve(key: str) -> list[dict]:
+        return [{"step": e["step"], "epoch": round(e["epoch"], 4), "loss": e[key]} for e in log_history if key in e]
+
+    return curve("loss"), curve("eval_loss")
 
 
 def tsv(rows: list[dict]) -> str:
@@ -229,24 +321,33 @@ def tsv(rows: list[dict]) -> str:
 def run(base_dir: Path, data_dir: Path, out: Path, metrics_path: Path, plots_dir: Path, params_path: str) -> dict:
     params = load_params(params_path)
     train_rows, eval_rows = read_jsonl(data_dir / "train.jsonl"), read_jsonl(data_dir / "eval.jsonl")
-    with tempfile.TemporaryDirectory() as scratch:
-        trainer, tokenizer, shipped, resized, keeper = build_trainer(
-            base_dir, train_rows, eval_rows, params.train, params.data, Path(scratch)
-        )
-        trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    checkpoints = checkpoint_root() / f"train-{inputs_fingerprint(base_dir, data_dir, params.train, params.data)}"
+    trainer, tokenizer, shipped, resized, keeper = build_trainer(
+        base_dir, train_rows, eval_rows, params.train, params.data, checkpoints
+    )
+    leader = trainer.is_world_process_zero()
+    resume = latest_checkpoint(checkpoints)
+    if resume:
+        keeper.load(resume)
+        if leader:
+            log.info("resuming from %s (same inputs as the interrupted run)", resume.name)
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    if leader:
         log.info("training %s LoRA parameters on %d conversations", f"{trainable:,}", len(train_rows))
-        started = time.perf_counter()
-        result = trainer.train()
-        runtime = time.perf_counter() - started
-        keeper.restore(trainer.model)
+    started = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    runtime = time.perf_counter() - started
+    keeper.restore(trainer.model)
+    if not leader:
+        return {}
 
-        with atomic_directory(out) as tmp:
-            # Resized embeddings (the added pad row) go with the adapter so merge rebuilds the same model.
-            trainer.model.save_pretrained(tmp, save_embedding_layers=resized)
-            tokenizer.chat_template = shipped  # ship the serving template, not the training variant
-            tokenizer.save_pretrained(tmp)
-            if (base_dir / "tokenizer.model").is_file():
-                shutil.copyfile(base_dir / "tokenizer.model", tmp / "tokenizer.model")
+    with atomic_directory(out) as tmp:
+        # Resized embeddings (the added pad row) go with the adapter so merge rebuilds the same model.
+        trainer.model.save_pretrained(tmp, save_embedding_layers=resized)
+        tokenizer.chat_template = shipped  # ship the serving template, not the training variant
+        tokenizer.save_pretrained(tmp)
+        if (base_dir / "tokenizer.model").is_file():
+            shutil.copyfile(base_dir / "tokenizer.model", tmp / "tokenizer.model")
 
     history = trainer.state.log_history
     train_curve, eval_curve = loss_curves(history)
@@ -260,17 +361,30 @@ def run(base_dir: Path, data_dir: Path, out: Path, metrics_path: Path, plots_dir
         "epochs_run": round(trainer.state.epoch or 0, 4),
         "steps": trainer.state.global_step,
         "stopped_early": keeper.stopped_early,
+        "resumed_from_step": int(resume.name.split("-")[1]) if resume else 0,
+        "world_size": world_size(),
         "trainable_parameters": trainable,
         "pad_token": tokenizer.pad_token,
         "embeddings_resized": resized,
         "train_tokens": int(tokens),
-        "tokens_per_second": round(tokens / runtime, 1) if runtime else None,
+        "tokens_per_second": round(tokens / runtime, 1) if runtime and not resume else None,
         "runtime_s": round(runtime, 1),
     }
     write_json_atomic(metrics_path, metrics)
     write_text_atomic(plots_dir / "train" / "loss.tsv", tsv(train_curve))
     write_text_atomic(plots_dir / "eval" / "loss.tsv", tsv(eval_curve))
+    # Done: this run's checkpoints, and any left by runs with other inputs, are no longer needed.
+    for stale in checkpoint_root().glob("train-*"):
+        shutil.rmtree(stale, ignore_errors=True)
     return metrics
+
+
+def relaunch_distributed(argv: list[str], processes: int) -> None:
+    """Run this stage again under torchrun with one process per device (DDP)."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+    code = subprocess.call([*command, "-m", "pipeline.train", *argv])
+    if code:
+        raise PipelineError(f"distributed training ({processes} processes) failed with exit status {code}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -282,15 +396,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--metrics", type=Path, required=True, help="final metrics (JSON)")
     parser.add_argument("--plots", type=Path, required=True, help="directory for train/ and eval/ loss curves")
     args = parser.parse_args(argv)
+    params = load_params(args.params)
+    if params.train.num_processes > 1 and "WORLD_SIZE" not in os.environ:
+        check_device(params.train, Device.detect())
+        relaunch_distributed(sys.argv[1:] if argv is None else argv, params.train.num_processes)
+        return
     metrics = run(args.base, args.data, args.out, args.metrics, args.plots, args.params)
-    log.info(
-        "done: %d steps, train loss %.4f, best eval loss %.4f (epoch %.0f)%s",
-        metrics["steps"],
-        metrics["train_loss"],
-        metrics["best_eval_loss"],
-        metrics["best_epoch"],
-        ", stopped early" if metrics["stopped_early"] else "",
-    )
+    if metrics:
+        log.info(
+            "done: %d steps, train loss %.4f, best eval loss %.4f (epoch %.0f)%s",
+            metrics["steps"],
+            metrics["train_loss"],
+            metrics["best_eval_loss"],
+            metrics["best_epoch"],
+            ", stopped early" if metrics["stopped_early"] else "",
+        )
 
 
 if __name__ == "__main__":

@@ -39,6 +39,39 @@ def tiny_base(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_params_file(tmp_path_factory) -> Path:
+    """The committed params.yaml with base.model switched to tiny."""
+    path = tmp_path_factory.mktemp("params") / "params.yaml"
+    path.write_text((ROOT / "params.yaml").read_text().replace("model: smollm2 ", "model: tiny "))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_prepared(tiny_params_file, tmp_path_factory) -> Path:
+    """The committed dataset through the prepare stage (tiny tokenizer)."""
+    from pipeline import prepare
+
+    out = tmp_path_factory.mktemp("prepared")
+    prepare.main(
+        [
+            "--params",
+            str(tiny_params_file),
+            "--train",
+            str(DATA / "train.jsonl"),
+            "--eval",
+            str(DATA / "eval.jsonl"),
+            "--cases",
+            str(DATA / "gate_cases.jsonl"),
+            "--out",
+            str(out),
+            "--metrics",
+            str(out / "data.json"),
+        ]
+    )
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_base):
     from transformers import AutoTokenizer
 
@@ -70,3 +103,9 @@ MULTI_TURN = [
     {"role": "user", "content": "Now wait for a key."},
     {"role": "assistant", "content": 'PROC main:\n  PRINT "Hello Chris"\n  GET\nENDP'},
 ]
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as patch:
+        yield patch

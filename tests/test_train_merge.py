@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -84,34 +85,18 @@ def test_qlora_without_cuda_is_one_clear_error(repo_params):
 
 
 @pytest.fixture(scope="module")
-def trained_and_merged(tiny_base, tiny_params, tmp_path_factory):
+def trained_and_merged(tiny_base, tiny_params_file, tiny_prepared, tmp_path_factory, monkeypatch_module):
     """The train and merge stages, run through their CLIs on the tiny model and the real dataset."""
-    from pipeline import merge, prepare, train
-    from tests.conftest import DATA, ROOT
+    from pipeline import merge, train
 
     work = tmp_path_factory.mktemp("tiny-run")
-    params = work / "params.yaml"
-    params.write_text((ROOT / "params.yaml").read_text().replace("model: smollm2 ", "model: tiny "))
-    prepare.main(
-        [
-            "--params",
-            str(params),
-            "--train",
-            str(DATA / "train.jsonl"),
-            "--eval",
-            str(DATA / "eval.jsonl"),
-            "--cases",
-            str(DATA / "gate_cases.jsonl"),
-            "--out",
-            str(work / "prepared"),
-            "--metrics",
-            str(work / "data.json"),
-        ]
-    )
+    monkeypatch_module.setenv("LLM_GITOPS_CHECKPOINTS", str(work / "checkpoints"))
+    shutil.copytree(tiny_prepared, work / "prepared")
+    params = str(tiny_params_file)
     train.main(
         [
             "--params",
-            str(params),
+            params,
             "--base",
             str(tiny_base),
             "--data",
@@ -127,7 +112,7 @@ def trained_and_merged(tiny_base, tiny_params, tmp_path_factory):
     merge.main(
         [
             "--params",
-            str(params),
+            params,
             "--base",
             str(tiny_base),
             "--adapter",
@@ -159,6 +144,7 @@ def test_train_writes_adapter_with_resized_embeddings_metrics_and_loss_curves(tr
     eval_curve = (trained_and_merged / "plots" / "eval" / "loss.tsv").read_text().splitlines()
     assert train_curve[0] == eval_curve[0] == "step\tepoch\tloss"
     assert len(train_curve) - 1 == metrics["steps"] and len(eval_curve) - 1 == round(metrics["epochs_run"])
+    assert not any((trained_and_merged / "checkpoints").glob("train-*"))  # cleaned once the stage completed
 
 
 def test_merged_model_matches_the_adapter_model_and_has_one_vocabulary_size(trained_and_merged):
