@@ -85,3 +85,36 @@ def test_unknown_base_model_names_the_param(tmp_path):
     )
     assert result.returncode == 1
     assert "error: base.model: 'not a model' is neither smollm2, tiny, a local directory nor a hub id" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("qlora: true", "error: train.qlora: true needs a CUDA GPU (bitsandbytes 4-bit) and none was found"),
+        ("optimizer: paged_adamw_8bit", "error: train.optimizer: paged_adamw_8bit needs a CUDA GPU"),
+        ("liger: true", "error: train.liger: true needs a CUDA GPU and the liger-kernel package"),
+    ],
+)
+def test_cuda_only_settings_stop_training_with_one_line_on_a_cpu_machine(
+    tmp_path, tiny_base, tiny_prepared, setting, message
+):
+    params = tmp_path / "params.yaml"
+    params.write_text(f"base:\n  model: tiny\ntrain:\n  {setting}\n")
+    result = python_module(
+        "pipeline.train",
+        "--params",
+        str(params),
+        "--base",
+        str(tiny_base),
+        "--data",
+        str(tiny_prepared),
+        "--out",
+        str(tmp_path / "adapter"),
+        "--metrics",
+        str(tmp_path / "train.json"),
+        "--plots",
+        str(tmp_path / "plots"),
+    )
+    assert result.returncode == 1
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "adapter").exists()

