@@ -107,11 +107,39 @@ class MergeParams:
 
 
 @dataclass(frozen=True)
+class ConvertParams:
+    # Type of the 2-D weights in the GGUF; 1-D tensors (norms) are always f32, as llama.cpp writes them.
+    outtype: Literal["f16", "bf16", "f32", "q8_0"] = "f16"
+    # general.name in the GGUF; null = llama.cpp's rule (model card, config, else the directory name).
+    model_name: str | None = None
+
+
+# llama.cpp quantization types that need no importance matrix (llama-quantize's names, lower case).
+QuantType = Literal[
+    "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k_s", "q3_k_m", "q3_k_l",
+    "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k", "iq4_nl", "iq4_xs",
+]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class QuantizeParams:
+    # One GGUF per type (models/gguf/model-<type>.gguf), each its own DVC stage item.
+    types: list[QuantType] = field(
+        default_factory=lambda: ["q8_0", "q4_k_m"],
+        metadata=_check(lambda v: len(v) == len(set(v)) > 0, "must be a non-empty list without repeats"),
+    )
+    # true: every weight in the named type (llama-quantize --pure); false: llama.cpp's k-quant mixes.
+    pure: bool = False
+
+
+@dataclass(frozen=True)
 class Params:
     data: DataParams = field(default_factory=DataParams)
     base: BaseParams = field(default_factory=BaseParams)
     train: TrainParams = field(default_factory=TrainParams)
     merge: MergeParams = field(default_factory=MergeParams)
+    convert: ConvertParams = field(default_factory=ConvertParams)
+    quantize: QuantizeParams = field(default_factory=QuantizeParams)
 
 
 def _key_lines(node: yaml.Node, prefix: str = "") -> dict[str, int]:

@@ -109,3 +109,123 @@ MULTI_TURN = [
 def monkeypatch_module():
     with pytest.MonkeyPatch.context() as patch:
         yield patch
+
+
+# --- GGUF: the merged-like models convert reads, llama.cpp's own converter as the reference ---
+
+CACHE = Path(os.environ.get("LLM_GITOPS_CACHE", Path.home() / ".cache" / "llm-gitops"))
+
+
+def llama_cpp_python_version() -> str:
+    """The pinned llama-cpp-python (requirements.txt): its sdist vendors the llama.cpp we compare with."""
+    for line in (ROOT / "requirements.txt").read_text().splitlines():
+        if line.startswith("llama-cpp-python=="):
+            return line.split("==")[1].split()[0]
+    raise AssertionError("requirements.txt pins no llama-cpp-python")
+
+
+@pytest.fixture(scope="session")
+def reference_converter() -> Path:
+    """llama.cpp's convert_hf_to_gguf.py (with its conversion/ package and gguf-py), taken from the
+    llama-cpp-python sdist on PyPI; downloaded once, then read from CACHE (CI keeps that directory)."""
+    import shutil
+    import subprocess
+    import sys
+    import tarfile
+    import tempfile
+
+    version = llama_cpp_python_version()
+    PIP_DOWNLOAD = (sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:")
+    root = CACHE / f"llama.cpp-{version}"
+    if not (root / "convert_hf_to_gguf.py").is_file():
+        sdist = CACHE / "sdist" / f"llama_cpp_python-{version}.tar.gz"
+        if not sdist.is_file():
+            subprocess.run(
+                [*PIP_DOWNLOAD, f"llama-cpp-python=={version}", "-d", str(sdist.parent)],
+                check=True,
+                capture_output=True,
+            )
+        prefix = f"llama_cpp_python-{version}/vendor/llama.cpp/"
+        wanted = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
+        with tempfile.TemporaryDirectory(dir=CACHE) as tmp, tarfile.open(sdist) as archive:
+            members = [m for m in archive.getmembers() if m.name.removeprefix(prefix).startswith(wanted)]
+            archive.extractall(tmp, members=members, filter="data")
+            shutil.rmtree(root, ignore_errors=True)
+            os.replace(Path(tmp) / prefix, root)
+    return root / "convert_hf_to_gguf.py"
+
+
+def save_merged_like(model, tokenizer, source: Path, out: Path) -> Path:
+    """Save as stage merge does: fp16 safetensors, tokenizer, and the SentencePiece model if any."""
+    import shutil
+
+    import torch
+
+    model.to(torch.float16).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    if (source / "tokenizer.model").is_file():
+        shutil.copyfile(source / "tokenizer.model", out / "tokenizer.model")
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_merged(tiny_base, tmp_path_factory) -> Path:
+    """What merge writes for `tiny`: `<pad>` added by train (vocabulary 512 -> 513, embeddings
+    resized), fp16 weights, tokenizer.model kept."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.vocab import ensure_pad_token
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
+    model = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32)
+    assert ensure_pad_token(tokenizer, model, "<pad>")
+    return save_merged_like(model, tokenizer, tiny_base, tmp_path_factory.mktemp("tiny-merged"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_base(tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct as the base stage writes it (fp32, vocabulary 49152, tied embeddings):
+    the same layout as a merged model."""
+    from pipeline.models import materialise
+
+    out = tmp_path_factory.mktemp("smollm2-base")
+    materialise(BaseParams(model="smollm2"), [], out)
+    return out
+
+
+@dataclasses.dataclass
+class Run:
+    """A stage run through its CLI in a subprocess: what it wrote and what it cost."""
+
+    out: Path
+    report: dict
+    wall_s: float
+    peak_rss_mib: float
+
+
+def run_stage(module: str, params: str, out: Path, *args: str) -> Run:
+    """`python -m <module> --params ... --out <out> --metrics ... <args>`, timed, peak RSS measured."""
+    import json
+    import sys
+
+    from bench.gguf import measure
+
+    params_file = out.parent / f"{out.stem}.params.yaml"
+    params_file.write_text(params)
+    metrics = out.parent / f"{out.stem}.json"
+    command = [sys.executable, "-m", module, "--params", str(params_file), "--out", str(out), "--metrics", str(metrics)]
+    wall, peak = measure([*command, *args], ROOT)
+    return Run(out, json.loads(metrics.read_text()), wall, peak)
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tiny_merged, tmp_path_factory) -> Run:
+    out = tmp_path_factory.mktemp("tiny-gguf") / "model-f16.gguf"
+    return run_stage("pipeline.convert", "convert:\n  outtype: f16\n", out, "--model", str(tiny_merged))
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf(smollm2_base, tmp_path_factory) -> Run:
+    out = tmp_path_factory.mktemp("smollm2-gguf") / "model-f16.gguf"
+    return run_stage("pipeline.convert", "convert:\n  outtype: f16\n", out, "--model", str(smollm2_base))

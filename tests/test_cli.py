@@ -9,7 +9,14 @@ import pytest
 
 from tests.conftest import ROOT
 
-STAGES = ["pipeline.prepare", "pipeline.base", "pipeline.train", "pipeline.merge"]
+STAGES = [
+    "pipeline.prepare",
+    "pipeline.base",
+    "pipeline.train",
+    "pipeline.merge",
+    "pipeline.convert",
+    "pipeline.quantize",
+]
 
 
 def python_module(*args: str) -> subprocess.CompletedProcess:

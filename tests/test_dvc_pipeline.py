@@ -14,11 +14,11 @@ import pytest
 from tests.conftest import ROOT
 
 
-def run(command: list[str], cwd: Path) -> str:
+def run(command: list[str], cwd: Path, *, stdout_only: bool = False) -> str:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
     assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout}\n{result.stderr}"
-    return result.stdout + result.stderr
+    return result.stdout if stdout_only else result.stdout + result.stderr
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +61,15 @@ def test_dvc_repro_runs_prepare_base_train_merge_offline(clone, first_repro):
     assert "models/merged" in lock and "data/prepared" in lock
 
 
+def test_dvc_repro_converts_and_quantizes_once_per_type(clone, first_repro):
+    for stage in ("convert", "quantize@q8_0", "quantize@q4_k_m"):
+        assert f"Running stage '{stage}'" in first_repro
+    for name in ("model-f16.gguf", "model-q8_0.gguf", "model-q4_k_m.gguf"):
+        assert (clone / "models" / "gguf" / name).read_bytes()[:4] == b"GGUF"
+    assert json.loads((clone / "metrics" / "convert.json").read_text())["vocab"]["tokens"] == 513
+    assert json.loads((clone / "metrics" / "quantize" / "q4_k_m.json").read_text())["fallbacks"] == {}
+
+
 def test_a_second_repro_reruns_nothing(clone, first_repro):
     second = run(["dvc", "repro"], clone)
     assert "Running stage" not in second
@@ -84,9 +93,9 @@ def test_editing_only_the_evaluation_cases_does_not_retrain(clone, first_repro):
 
 
 def test_metrics_and_loss_plots_are_visible_to_dvc(clone, first_repro):
-    shown = json.loads(run(["dvc", "metrics", "show", "--json"], clone))
+    shown = json.loads(run(["dvc", "metrics", "show", "--json"], clone, stdout_only=True))
     files = next(iter(shown.values()))["data"]
     assert {"metrics/data.json", "metrics/train.json", "metrics/merge.json"} <= set(files)
-    plots = run(["dvc", "plots", "show", "--json"], clone)
+    plots = run(["dvc", "plots", "show", "--json"], clone, stdout_only=True)
     loss = json.loads(plots)["data"]["Loss"]
     assert loss and "plots/train/loss.tsv" in plots and "plots/eval/loss.tsv" in plots

@@ -23,6 +23,7 @@ def test_committed_params_load_with_the_documented_defaults(repo_params):
     assert repo_params.train.lora.target_modules == "all-linear"
     assert repo_params.train.learning_rate == pytest.approx(1e-3)
     assert repo_params.merge.dtype == "float16"
+    assert repo_params.convert.outtype == "f16" and repo_params.quantize.types == ["q8_0", "q4_k_m"]
 
 
 def test_an_empty_file_means_all_defaults():
@@ -37,7 +38,10 @@ def test_an_empty_file_means_all_defaults():
             "train:\n  lora:\n    rank: 8\n",
             "params.yaml:3: train.lora.rank: unknown key (known: r, alpha, dropout, target_modules)",
         ),
-        ("trian:\n  seed: 1\n", "params.yaml:1: trian: unknown key (known: data, base, train, merge)"),
+        (
+            "trian:\n  seed: 1\n",
+            "params.yaml:1: trian: unknown key (known: data, base, train, merge, convert, quantize)",
+        ),
         ("train:\n  epochs: three\n", "params.yaml:2: train.epochs: expected an integer, got 'three'"),
         ("train:\n  qlora: 1\n", "params.yaml:2: train.qlora: expected true or false, got 1"),
         (
@@ -58,6 +62,17 @@ def test_an_empty_file_means_all_defaults():
         ),
         ("base: smollm2\n", "params.yaml:1: base: expected a mapping of keys"),
         ("data:\n  max_seq_length: -5\n", "params.yaml:2: data.max_seq_length: must be > 0, got -5"),
+        (
+            "convert:\n  outtype: q4_k_m\n",
+            "params.yaml:2: convert.outtype: expected one of 'f16', 'bf16', 'f32', 'q8_0', got 'q4_k_m'",
+        ),
+        (
+            "quantize:\n  types: [q8_0, q4_k_xl]\n",
+            "params.yaml:2: quantize.types: expected a list of one of 'q4_0', 'q4_1', 'q5_0', 'q5_1', 'q8_0', 'q2_k', "
+            "'q3_k_s', 'q3_k_m', 'q3_k_l', 'q4_k_s', 'q4_k_m', 'q5_k_s', 'q5_k_m', 'q6_k', 'iq4_nl', 'iq4_xs', "
+            "got ['q8_0', 'q4_k_xl']",
+        ),
+        ("quantize:\n  types: [q8_0, q8_0]\n", "quantize.types: must be a non-empty list without repeats"),
     ],
 )
 def test_bad_params_name_the_line_and_key(text, message):
@@ -74,7 +89,14 @@ def test_invalid_yaml_is_one_clear_error():
     assert error_of("train: [unclosed\n").startswith("params.yaml: invalid YAML")
 
 
-STAGES = {"prepare": "pipeline.prepare", "base": "pipeline.base", "train": "pipeline.train", "merge": "pipeline.merge"}
+STAGES = {
+    "prepare": "pipeline.prepare",
+    "base": "pipeline.base",
+    "train": "pipeline.train",
+    "merge": "pipeline.merge",
+    "convert": "pipeline.convert",
+    "quantize": "pipeline.quantize",
+}
 
 
 @pytest.mark.parametrize("stage", STAGES)

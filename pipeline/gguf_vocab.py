@@ -1,0 +1,223 @@
+"""GGUF vocabulary: the tokenizer keys llama.cpp's convert_hf_to_gguf.py writes, built with gguf-py.
+
+Two kinds, chosen as upstream does for Llama-family models:
+
+- SentencePiece (`tokenizer.model` present) -> `tokenizer.ggml.model = llama`: pieces, scores and
+  token types from the SentencePiece model, then the tokens added on top of it;
+- GPT-2-style BPE (`tokenizer.json` only) -> `gpt2`: tokens and types from the HF tokenizer, merges,
+  and `tokenizer.ggml.pre`, the pre-tokenizer llama.cpp must use, identified by hashing the token
+  ids of a fixed text (PRE_TOKENIZERS).
+
+Both are padded to the embedding rows with `[PAD<i>]` placeholders, as upstream does; a tokenizer
+with more tokens than embedding rows is an error (llama.cpp would refuse the file at load).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from hashlib import sha256
+from pathlib import Path
+
+from pipeline.common import PipelineError
+
+# SentencePiece / GGUF token types (gguf.TokenType), as plain ints so that this table needs no import.
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+PLACEHOLDER_SCORE = -10000.0  # rows the tokenizer does not use
+ADDED_SCORE = -1000.0  # tokens added on top of the SentencePiece model
+
+# The text llama.cpp hashes the token ids of (convert_hf_to_gguf.py, get_vocab_base_pre), verbatim.
+CHKTXT = (
+    "\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) ✅ "
+    "🦙🦙 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 "
+    "កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ ------======= "
+    "нещо на Български ''''''```````\"\"\"\"......!!!!!!?????? I've been 'told he's there, 'RE you sure? 'M not sure "
+    "I'll make it, 'D you like some tea? We'Ve a'lL"
+)
+
+# sha256(str(token ids of CHKTXT)) -> llama.cpp's name for the pre-tokenizer (same table upstream).
+PRE_TOKENIZERS = {
+    "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm",  # SmolLM / SmolLM2
+    "0ef9807a4087ebef797fc749390439009c3b9eda9ad1a097abbe738f486c01e5": "llama-bpe",  # Llama-3, 3.1, 3.2
+    "63b97e4253352e6f357cc59ea5b583e3a680eaeaf2632188c2b952de2588485e": "tekken",  # Mistral-Nemo
+}
+
+# Added tokens that upstream marks CONTROL even when the tokenizer does not call them special.
+SPECIAL_LOOKING = ({"<pad>", "<mask>", "<2mass>", "[@BOS@]"}, (("<|", "|>"), ("<｜", "｜>"), ("<unused", ">")))
+
+# llama.cpp's converter sets add_bos_token false for this vocabulary size (Granite; SmolLM2's
+# unchanged vocabulary has the same size and adds no BOS either).
+ADD_BOS_BY_VOCAB_SIZE = {49152: False}
+
+
+@dataclass
+class Vocab:
+    model: str  # tokenizer.ggml.model
+    pre: str  # tokenizer.ggml.pre
+    tokens: list[bytes]
+    types: list[int]
+    scores: list[float] | None = None  # SentencePiece only
+    placeholders: int = 0  # [PAD<i>] rows beyond the tokenizer
+    added: list[str] = field(default_factory=list)  # tokens added on top of the base vocabulary
+
+
+def looks_special(token: str) -> bool:
+    names, affixes = SPECIAL_LOOKING
+    return token in names or any(token.startswith(a) and token.endswith(b) for a, b in affixes)
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _too_many_tokens(size: int, rows: int) -> PipelineError:
+    return PipelineError(
+        f"the tokenizer has {size} tokens but the embeddings have {rows} rows: llama.cpp would refuse the GGUF "
+        f"(token_embd.weight has wrong shape). Resize the embeddings to the tokenizer (train and merge do) "
+        f"and set config.vocab_size to match"
+    )
+
+
+def sentencepiece_vocab(model_dir: Path, rows: int) -> Vocab:
+    """`tokenizer.model` pieces, then added tokens, then placeholders up to `rows` (upstream's
+    _create_vocab_sentencepiece, plus tokenizer.json's added tokens: transformers >= 5 no longer
+    writes added_tokens_decoder into tokenizer_config.json, and upstream then writes `[PAD<id>]`)."""
+    from sentencepiece import SentencePieceProcessor
+
+    processor = SentencePieceProcessor()
+    processor.LoadFromFile(str(model_dir / "tokenizer.model"))
+    base = processor.vocab_size()
+    tokens = [f"[PAD{i}]".encode() for i in range(rows)]
+    scores = [PLACEHOLDER_SCORE] * rows
+    types = [UNUSED] * rows
+    kinds = (
+        (processor.IsUnknown, UNKNOWN),
+        (processor.IsControl, CONTROL),
+        (processor.IsUnused, UNUSED),
+        (processor.IsByte, BYTE),
+    )
+    for i in range(min(base, rows)):
+        tokens[i] = processor.IdToPiece(i).encode("utf-8")
+        scores[i] = processor.GetScore(i)
+        types[i] = next((kind for test, kind in kinds if test(i)), NORMAL)
+
+    # (id, text, special) from every place a tokenizer directory records added tokens; later wins.
+    added: list[tuple[int, str, bool | None]] = [
+        (i, text, None) for text, i in _read_json(model_dir / "added_tokens.json").items()
+    ]
+    config = _read_json(model_dir / "tokenizer_config.json")
+    added += [(int(i), d["content"], d.get("special")) for i, d in config.get("added_tokens_decoder", {}).items()]
+    added += [
+        (d["id"], d["content"], d.get("special"))
+        for d in _read_json(model_dir / "tokenizer.json").get("added_tokens", [])
+        if d["id"] >= base  # ids inside the SentencePiece model keep its own types, as upstream
+    ]
+    size = max([base, *(i + 1 for i, _, _ in added)])
+    if size > rows:
+        raise _too_many_tokens(size, rows)
+    new: list[str] = []
+    for i, text, special in added:
+        if special is None:  # added_tokens.json: user-defined, as upstream
+            kind = USER_DEFINED
+        elif special or looks_special(text):
+            kind = CONTROL
+        else:
+            kind, text = USER_DEFINED, text.replace("▁", " ")  # llama.cpp expects pre-normalised spaces
+        tokens[i], scores[i], types[i] = text.encode("utf-8"), ADDED_SCORE, kind
+        if i >= base and text not in new:
+            new.append(text)
+    return Vocab("llama", "default", tokens, types, scores, placeholders=rows - size, added=new)
+
+
+def pre_tokenizer(tokenizer) -> str:  # a tokenizers.Tokenizer
+    """llama.cpp's name for the tokenizer's pre-tokenizer, from the hash of its ids for CHKTXT."""
+    digest = sha256(str(tokenizer.encode(CHKTXT).ids).encode()).hexdigest()  # with special tokens, as upstream
+    if digest not in PRE_TOKENIZERS:
+        raise PipelineError(
+            f"unknown BPE pre-tokenizer (hash {digest}): llama.cpp would split text differently. If llama.cpp "
+            f"supports this tokenizer, find the hash in its convert_hf_to_gguf.py (get_vocab_base_pre) and add "
+            f"'{digest}': '<its res name>' to PRE_TOKENIZERS in pipeline/gguf_vocab.py"
+        )
+    return PRE_TOKENIZERS[digest]
+
+
+def bpe_vocab(model_dir: Path, rows: int) -> Vocab:
+    """Tokens and types from tokenizer.json, padded to `rows` (upstream's get_vocab_base; read with
+    `tokenizers` directly, which is what transformers' fast tokenizer runs, without importing torch)."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    by_id = {i: text for text, i in tokenizer.get_vocab(with_added_tokens=True).items()}
+    size = max(by_id) + 1
+    if size > rows:
+        raise _too_many_tokens(size, rows)
+    pre = pre_tokenizer(tokenizer)
+    added = tokenizer.get_added_tokens_decoder()
+    base = tokenizer.get_vocab_size(with_added_tokens=False)
+    tokens: list[bytes] = []
+    types: list[int] = []
+    new: list[str] = []
+    for i in range(rows):
+        if i not in by_id:
+            text, kind = f"[PAD{i}]", UNUSED
+        elif i in added:
+            text = by_id[i]
+            if not added[i].normalized:  # llama.cpp assumes added tokens are pre-normalised
+                text = tokenizer.decode(tokenizer.encode(text, add_special_tokens=False).ids, skip_special_tokens=False)
+            if added[i].special or looks_special(text):
+                kind = CONTROL
+            else:
+                kind, text = USER_DEFINED, text.replace("▁", " ")
+            if i >= base:
+                new.append(text)
+        else:
+            text, kind = by_id[i], NORMAL
+        tokens.append(text.encode("utf-8"))
+        types.append(kind)
+    return Vocab("gpt2", pre, tokens, types, placeholders=rows - len(by_id), added=new)
+
+
+def special_vocab(model_dir: Path, n_vocab: int | None, load_merges: bool):
+    """gguf-py's SpecialVocab (special ids, add-BOS/EOS flags, chat template, merges), with the rule
+    newer upstream gguf-py adds: a ByteLevel post-processor means "adds neither BOS nor EOS" unless
+    another post-processor step says otherwise."""
+    import gguf
+
+    special = gguf.SpecialVocab(model_dir, load_merges=load_merges, n_vocab=n_vocab)
+    post = _read_json(model_dir / "tokenizer.json").get("post_processor") or {}
+    if any(step.get("type") == "ByteLevel" for step in post.get("processors", [post])):
+        special.add_special_token.setdefault("bos", False)
+        special.add_special_token.setdefault("eos", False)
+    return special
+
+
+def add_vocab_to_gguf(writer, model_dir: Path, rows: int, config_vocab_size: int) -> Vocab:
+    """Write every tokenizer key; raise PipelineError (before any file is written) if the vocabulary
+    cannot match the embeddings. `rows` = embedding rows."""
+    config = _read_json(model_dir / "tokenizer_config.json")
+    if (model_dir / "tokenizer.model").is_file():
+        vocab = sentencepiece_vocab(model_dir, rows)
+    elif (model_dir / "tokenizer.json").is_file():
+        vocab = bpe_vocab(model_dir, rows)
+    else:
+        raise PipelineError(f"{model_dir}: no tokenizer (tokenizer.model or tokenizer.json)")
+
+    if (prefix := config.get("add_prefix_space")) is not None:
+        writer.add_add_space_prefix(prefix)
+    writer.add_tokenizer_model(vocab.model)
+    writer.add_tokenizer_pre(vocab.pre)
+    writer.add_token_list(vocab.tokens)
+    if vocab.scores is not None:
+        writer.add_token_scores(vocab.scores)
+    writer.add_token_types(vocab.types)
+    # BPE: upstream leaves special ids unchecked against the vocabulary size (n_vocab None).
+    is_bpe = vocab.model == "gpt2"
+    special = special_vocab(model_dir, None if is_bpe else len(vocab.tokens), load_merges=is_bpe)
+    if is_bpe and not special.merges:
+        raise PipelineError(f"{model_dir}/tokenizer.json: a BPE tokenizer without merges")
+    special.add_to_gguf(writer, quiet=True)
+    if (add_bos := ADD_BOS_BY_VOCAB_SIZE.get(config_vocab_size)) is not None:
+        writer.add_add_bos_token(add_bos)
+    return vocab
