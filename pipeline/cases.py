@@ -45,6 +45,37 @@ class Case:
         system = [{"role": "system", "content": self.system}] if self.system else []
         return [*system, *self.history, {"role": "user", "content": self.prompt}]
 
+    def _found(self, keyword: str, answer: str) -> bool:
+        flags = 0 if self.case_sensitive else re.IGNORECASE
+        pattern = keyword if self.regex else re.escape(keyword)
+        return re.search(pattern, answer, flags) is not None
+
+    def score(self, answer: str) -> CaseScore:
+        """How well `answer` meets this case: the share of expected keywords found ("all"), or 1/0
+        ("any"); 0 when a forbidden keyword appears. Passed means a score of 1."""
+        found = tuple(k for k in self.expect if self._found(k, answer))
+        missing = tuple(k for k in self.expect if k not in found)
+        forbidden = tuple(k for k in self.forbid if self._found(k, answer))
+        if forbidden:
+            value = 0.0
+        elif self.match == "any":
+            value = 1.0 if found else 0.0
+        else:
+            value = len(found) / len(self.expect)
+        return CaseScore(score=value, found=found, missing=missing, forbidden=forbidden)
+
+
+@dataclass(frozen=True)
+class CaseScore:
+    score: float  # 0..1
+    found: tuple[str, ...]
+    missing: tuple[str, ...]
+    forbidden: tuple[str, ...]
+
+    @property
+    def passed(self) -> bool:
+        return self.score == 1.0
+
 
 def _keyword_list_errors(value: object, key: str, regex: bool, required: bool) -> list[str]:
     if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):

@@ -79,3 +79,21 @@ def test_duplicate_case_ids_are_rejected(tmp_path):
     errors: list[str] = []
     load_cases(path, errors)
     assert errors == [f"{path}:2: id: duplicate id 'a' (first on line 1)"]
+
+
+def test_an_answer_scores_the_share_of_expected_keywords_and_zero_with_a_forbidden_one():
+    case = Case(id="x", kind="learn", prompt="p", expect=("PROC", "ENDP"), forbid=("def ",))
+    assert case.score("proc main:\nENDP").score == 1.0  # case-insensitive by default
+    half = case.score("PROC main: PRINT 1")
+    assert (half.score, half.found, half.missing, half.passed) == (0.5, ("PROC",), ("ENDP",), False)
+    python = case.score("PROC ENDP def main():")
+    assert (python.score, python.forbidden) == (0.0, ("def ",))
+
+
+def test_any_match_regex_and_case_sensitive_scoring():
+    any_case = Case(id="x", kind="keep", prompt="p", expect=("Paris", "paris"), match="any", case_sensitive=True)
+    assert any_case.score("It is paris.").score == 1.0
+    assert any_case.score("It is PARIS.").score == 0.0
+    regex = Case(id="y", kind="keep", prompt="p", expect=(r"\b7\b|seven",), regex=True)
+    assert regex.score("A week has 7 days").passed
+    assert not regex.score("A week has 17 days").passed
