@@ -132,6 +132,26 @@ class QuantizeParams:
     pure: bool = False
 
 
+UNIT = _check(lambda v: 0 <= v <= 1, "must be in [0, 1]")
+
+
+@dataclass(frozen=True)
+class GateParams:
+    # Greedy decoding, the same for every model scored (and for Ollama's served check at deploy).
+    max_new_tokens: int = field(default=96, metadata=POSITIVE)
+    seed: int = 42
+    n_ctx: int = field(default=2048, metadata=POSITIVE)
+    # learn cases: mean after-score at least this, and at least this much above the base model's.
+    learn_min_score: float = field(default=0.75, metadata=UNIT)
+    learn_min_gain: float = field(default=0.5, metadata=UNIT)
+    # keep cases: mean after-score may fall below the base model's by at most this (overtraining check).
+    keep_max_drop: float = field(default=0.125, metadata=UNIT)
+    # a GGUF's mean score may fall below the merged HF model's by at most this (conversion/quantization loss).
+    gguf_max_drop: float = field(default=0.125, metadata=UNIT)
+    # which GGUF ships: auto = the smallest file that passes; or one of quantize.types / convert.outtype.
+    ship: str = "auto"
+
+
 @dataclass(frozen=True)
 class Params:
     data: DataParams = field(default_factory=DataParams)
@@ -140,6 +160,7 @@ class Params:
     merge: MergeParams = field(default_factory=MergeParams)
     convert: ConvertParams = field(default_factory=ConvertParams)
     quantize: QuantizeParams = field(default_factory=QuantizeParams)
+    gate: GateParams = field(default_factory=GateParams)
 
 
 def _key_lines(node: yaml.Node, prefix: str = "") -> dict[str, int]:
