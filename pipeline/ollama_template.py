@@ -527,9 +527,15 @@ class _LlamaVocab:
     def __init__(self, gguf: Path) -> None:
         import llama_cpp
 
+        from pipeline.quantize import llama_log
+
         if not Path(gguf).is_file():
             raise PipelineError(f"{gguf}: GGUF not found")
-        self.llama = llama_cpp.Llama(model_path=str(gguf), vocab_only=True, verbose=False)
+        with llama_log() as log:  # llama.cpp warns about the context it makes even for a vocabulary
+            try:
+                self.llama = llama_cpp.Llama(model_path=str(gguf), vocab_only=True, verbose=False)
+            except ValueError as error:
+                raise PipelineError(f"{gguf}: llama.cpp cannot load it ({error}): {''.join(log)[-500:]}") from None
         self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(llama_cpp.llama_model_get_vocab(self.llama.model)))
 
     def tokenize(self, text: str) -> list[int]:
