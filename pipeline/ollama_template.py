@@ -138,6 +138,7 @@ TOKEN = re.compile(
     """,
     re.VERBOSE,
 )
+COMMENT = re.compile(r"\s*/\*.*?\*/\s*(-?)}}", re.DOTALL)  # {{/* ... */}}, the rest of an action
 BLANKS = " \t\r\n"
 
 
@@ -167,7 +168,7 @@ def _lex(template: str) -> list[tuple[str, Any]]:
             text = text.rstrip(BLANKS)
             pos += 1
         items.append(("text", text))
-        comment = re.compile(r"\s*/\*.*?\*/\s*(-?)}}", re.DOTALL).match(template, pos)
+        comment = COMMENT.match(template, pos)
         if comment:
             pos, trim_next = comment.end(), comment.group(1) == "-"
             continue
@@ -327,7 +328,6 @@ def _truth(value: Any) -> bool:
 
 class _Machine:
     def __init__(self, data: dict) -> None:
-        self.root = data
         self.scopes: list[dict[str, Any]] = [{"$": data}]
         self.out: list[str] = []
 
@@ -509,18 +509,6 @@ def _tokenizer_adds_bos(tokenizer) -> bool:
     return tokenizer.bos_token_id is not None and bool(ids) and ids[0] == tokenizer.bos_token_id
 
 
-def _space_after_special_hint(tokenizer, vocab: _LlamaVocab, expected: list[int], got: list[int], at: int) -> str:
-    """The known SentencePiece case: llama.cpp writes "▁" after every special token (add_space_prefix),
-    a tokenizer with Metaspace prepend_scheme "first" (legacy=False) does not."""
-    extra_space = at < len(got) and vocab.piece(got[at]) == " " and got[at + 1 : at + 4] == expected[at : at + 3]
-    if extra_space and at > 0 and got[at - 1] in tokenizer.all_special_ids:
-        return (
-            "\n  llama.cpp puts '▁' after a special token where this tokenizer does not (its Metaspace "
-            "prepend_scheme is 'first', legacy=False): the served model would see tokens it was not trained on"
-        )
-    return ""
-
-
 class _LlamaVocab:
     """llama.cpp's tokenizer of a GGUF (vocabulary only, no weights)."""
 
@@ -546,6 +534,18 @@ class _LlamaVocab:
 
     def close(self) -> None:
         self.llama.close()
+
+
+def _space_after_special_hint(tokenizer, vocab: _LlamaVocab, expected: list[int], got: list[int], at: int) -> str:
+    """The known SentencePiece case: llama.cpp writes "▁" after every special token (add_space_prefix),
+    a tokenizer with Metaspace prepend_scheme "first" (legacy=False) does not."""
+    extra_space = at < len(got) and vocab.piece(got[at]) == " " and got[at + 1 : at + 4] == expected[at : at + 3]
+    if extra_space and at > 0 and got[at - 1] in tokenizer.all_special_ids:
+        return (
+            "\n  llama.cpp puts '▁' after a special token where this tokenizer does not (its Metaspace "
+            "prepend_scheme is 'first', legacy=False): the served model would see tokens it was not trained on"
+        )
+    return ""
 
 
 def check_parity(

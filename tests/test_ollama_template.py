@@ -298,10 +298,12 @@ def test_chatml_token_ids_match_llama_cpp_on_smollm2s_gguf(smollm2_tokenizer, co
 
 
 def test_llama3_token_ids_match_llama_cpp_with_bos_added_by_llama_cpp(llama3_model, conversations):
-    from tests.test_convert import read_gguf
+    from llama_cpp import Llama
 
     tokenizer, gguf = llama3_model
-    assert read_gguf(gguf)[0]["tokenizer.ggml.add_bos_token"] is True
+    vocabulary = Llama(model_path=str(gguf), vocab_only=True, verbose=False)
+    assert vocabulary.metadata["tokenizer.ggml.add_bos_token"] == "true"
+    vocabulary.close()
     assert tokenizer.apply_chat_template(conversations[0], tokenize=False).startswith("<|begin_of_text|>")
     assert render_prompt(family("llama3").template, conversations[0]).startswith("<|start_header_id|>")
     check_parity(tokenizer, family("llama3"), conversations, MODELFILE_SYSTEM, gguf)
