@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 from gitlab_api_double import GitLabDouble, GitLabState
+from scratch_project import copy_project, git
 
 from pipeline.gitlab_notes import MARKER
 
@@ -132,32 +133,13 @@ def stamped_venv() -> Path | None:
 # --- a scratch project: the working tree as `main` on a local origin, and an MR branch adding data ---
 
 
-def git(repo: Path, *args: str) -> str:
-    identity = ["-c", "user.name=Test", "-c", "user.email=test@example.com"]
-    return subprocess.run(["git", *identity, *args], cwd=repo, capture_output=True, text=True, check=True).stdout
-
-
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
     """The project's files (tracked and new, as `git ls-files` sees them) committed as `main`, pushed to a
     bare origin; then a branch `more-data` that adds one conversation. The base model is `tiny` so the
     prepare job takes seconds, not a SmolLM2 tokenizer load."""
     top = tmp_path_factory.mktemp("gitlab-ci")
-    repo = top / "repo"
-    files = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, capture_output=True, check=True
-    ).stdout.split(b"\0")
-    for name in filter(None, files):
-        source = ROOT / os.fsdecode(name)
-        if source.is_file():
-            (repo / os.fsdecode(name)).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, repo / os.fsdecode(name))
-    params = repo / "params.yaml"
-    params.write_text(params.read_text().replace("  model: smollm2 ", "  model: tiny    ", 1))
-    assert "  model: tiny " in params.read_text()
-    git(top, "init", "-q", "-b", "main", str(repo))
-    git(repo, "add", "-A")
-    git(repo, "commit", "-q", "-m", "main")
+    repo = copy_project(top / "repo")
     git(top, "init", "-q", "--bare", "origin.git")
     git(repo, "remote", "add", "origin", str(top / "origin.git"))
     git(repo, "push", "-q", "origin", "main")
