@@ -35,14 +35,16 @@ class RetryPolicy:
         for attempt in range(self.retries + 1):
             try:
                 return call()
-            except (TransientError, requests.ConnectionError, requests.Timeout) as error:
-                message = error_text(error)
-                if attempt == self.retries:
-                    tries = f"{self.retries + 1} attempt{'s' if self.retries else ''}"
-                    raise PipelineError(f"{what}: {message} (gave up after {tries})") from None
-                wait = self.backoff_s * 2**attempt
-                log.warning("%s: %s; retrying in %.1fs", what, message, wait)
-                time.sleep(wait)
+            except TransientError as error:
+                message = str(error)  # it names the server and the operation
+            except (requests.ConnectionError, requests.Timeout) as error:
+                message = f"{what}: {error_text(error)}"
+            if attempt == self.retries:
+                tries = f"{self.retries + 1} attempt{'s' if self.retries else ''}"
+                raise PipelineError(f"{message} (gave up after {tries})")
+            wait = self.backoff_s * 2**attempt
+            log.warning("%s; retrying in %.1fs", message, wait)
+            time.sleep(wait)
         raise AssertionError("unreachable")
 
 

@@ -137,7 +137,7 @@ class Server:
         if self.process and self.process.poll() is None:
             self.process.send_signal(sig)
             try:
-                self.process.wait(timeout=15)
+                self.process.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
