@@ -304,7 +304,10 @@ def deploy(release: Release, tags: list[str], settings: Settings, rules: GatePar
             )
     for tag, name in zip(tags, names, strict=True):
         if in_registry[tag] is None:
-            primary.push(name, settings.insecure)
+            try:
+                primary.push(name, settings.insecure)
+            except PipelineError as error:
+                raise PipelineError(f"{error}; the registry {registry.health()}") from None
         else:
             log.info("%s: %s is already there, same manifest: not pushed again", registry, tag)
     manifest = verify_pushed(registry, primary, tags, release)

@@ -92,6 +92,15 @@ class RegistryClient:
 
         return self.retry.run(f"{self}: {what}", call)
 
+    def health(self) -> str:
+        """One line on whether the registry answers at all (to explain a failed push by Ollama)."""
+        url = self.base.split("/v2/")[0] + "/v2/"
+        try:
+            response = self.session.get(url, timeout=(10, 30))
+        except requests.RequestException as error:
+            return f"{self.repository.registry} is unreachable from here ({type(error).__name__})"
+        return f"{self.repository.registry} answers HTTP {response.status_code} on /v2/"
+
     def tags(self) -> list[str]:
         response = self._get("list tags", f"{self.base}/tags/list")
         if response.status_code == 404:  # NAME_UNKNOWN: nothing pushed yet

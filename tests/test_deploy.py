@@ -123,12 +123,29 @@ def test_deploy_creates_checks_pushes_verifies_then_moves_latest(stack, releases
     assert len(record["commit"]) == 40
 
 
-def test_deploying_the_same_model_again_uploads_nothing_and_changes_nothing(stack, releases, records):
+def test_deploying_the_same_model_again_uploads_nothing_and_changes_nothing(stack, releases, records, tmp_path):
+    """Again, through the command line as CI runs it: settings from params.yaml and the environment."""
     before = {tag: registry_manifest(stack, "tests/tiny", tag)[0] for tag in (SHA1, GIT_TAG, "latest")}
     local_before = {name: m["digest"] for name, m in ollama_models(stack.ollama).items()}
+    files = releases["v1"]
+    params = tmp_path / "params.yaml"
+    params.write_text(f"deploy:\n  namespace: tests\n  model: tiny\n  records: {records}\n")
+    env = {**os.environ, "OLLAMA_HOST": stack.ollama_url, "DEPLOY_REGISTRY": stack.registry_proxy.address}
+    paths = ["--modelfile", files.modelfile, "--verdict", files.verdict, "--cases", files.cases]
 
-    record = deploy(load(releases["v1"]), [SHA1, GIT_TAG], settings_for(stack, records), GateParams())
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.deploy", "--tag", SHA1, "--tag", GIT_TAG, "--params", params, *paths],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
+    assert result.returncode == 0, result.stderr
+    assert "(already deployed: nothing changed)" in result.stderr
+    record = json.loads(records.read_text().splitlines()[-1])
+    assert record["tags"] == [SHA1, GIT_TAG] and record["manifest_digest"] == before["latest"]
     assert record["changed"] is False and record["hosts"][0]["uploaded"] is False
     assert stack.ollama_proxy.count("POST", "^/api/blobs/") == 0  # no model bytes to Ollama
     assert stack.ollama_proxy.count("POST", "^/api/push") == 0
