@@ -60,14 +60,17 @@ def conversations(count: int, max_tokens: int, seed: int = 0) -> list[dict]:
     return rows
 
 
-def build_model(shape: str, into: Path) -> None:
+def build_model(shape: str, into: Path, tokenizer_dir: Path | None = None) -> None:
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from pipeline.models import load_tokenizer
     from pipeline.params import BaseParams
 
-    tokenizer = load_tokenizer(BaseParams(model="smollm2"), [], into)
+    if tokenizer_dir:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    else:
+        tokenizer = load_tokenizer(BaseParams(model="smollm2"), [], into)
     config = LlamaConfig(
         **SHAPES[shape],
         vocab_size=len(tokenizer),
@@ -78,8 +81,13 @@ def build_model(shape: str, into: Path) -> None:
     torch.manual_seed(0)
     with torch.device("meta"):
         LlamaForCausalLM(config)  # fail fast on a bad shape before allocating
-    LlamaForCausalLM(config).to(torch.bfloat16 if torch.cuda.is_available() else torch.float32).save_pretrained(into)
+    # On a GPU: initialise there in bf16 (a 7B shape takes seconds instead of minutes on the CPU).
+    cuda = torch.cuda.is_available()
+    with torch.device("cuda" if cuda else "cpu"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16 if cuda else torch.float32)
+    model.save_pretrained(into)
     tokenizer.save_pretrained(into)
+    del model
 
 
 def worker(config: str, model_dir: Path, args: argparse.Namespace) -> dict:
@@ -98,6 +106,7 @@ def worker(config: str, model_dir: Path, args: argparse.Namespace) -> dict:
         lora=LoraParams(),
         early_stopping_patience=0,
         grad_accum=1,
+        liger=args.liger and config == "ours",
     )
     rows = conversations(args.batch_size * args.steps, args.seq_len)
     with tempfile.TemporaryDirectory() as out:
@@ -119,7 +128,9 @@ def worker(config: str, model_dir: Path, args: argparse.Namespace) -> dict:
         if device.cuda:
             torch.cuda.reset_peak_memory_stats()
         trainer.train()
-    (t0, n0), (t1, n1) = marks[0], marks[-1]  # the first step is warm-up
+    # The first step is warm-up; with 8 or more, the first three (a compiled kernel such as flex attention
+    # compiles once for the first shape and once more as dynamic).
+    (t0, n0), (t1, n1) = marks[3 if len(marks) >= 8 else 0], marks[-1]
     peak = (
         torch.cuda.max_memory_allocated() / 2**30
         if device.cuda
@@ -141,7 +152,7 @@ def trl_defaults(model_dir: Path, rows: list[dict], train, device, out: Path):
 
     from pipeline.train import load_model
 
-    model, tokenizer = load_model(model_dir, train, device)
+    model, tokenizer = load_model(model_dir, dataclasses.replace(train, attention="sdpa"), device)
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     config = SFTConfig(
         output_dir=str(out),
@@ -160,6 +171,12 @@ def trl_defaults(model_dir: Path, rows: list[dict], train, device, out: Path):
     )
 
 
+def device_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.train_throughput", description=__doc__.split("\n")[0])
     parser.add_argument("--shape", choices=SHAPES, default="tiny")
@@ -167,17 +184,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=6, help="optimizer steps per configuration (first is warm-up)")
     parser.add_argument("--qlora", action="store_true", help="4-bit base (CUDA only)")
+    parser.add_argument("--liger", action="store_true", help="ours with Liger kernels (CUDA + liger-kernel)")
     parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--tokenizer", type=Path, help="a saved HF tokenizer directory (default: SmolLM2's)")
+    parser.add_argument("--model-cache", type=Path, help="build the random model here once and reuse it")
+    parser.add_argument("--out", type=Path, help="also write the results as JSON to this file")
+    parser.add_argument("--configs", nargs="+", choices=["trl-defaults", "ours"], default=["trl-defaults", "ours"])
     parser.add_argument("--worker", choices=["ours", "trl-defaults"], help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(args.worker, args.model_dir, args)))
         return
-    with tempfile.TemporaryDirectory() as tmp:
-        build_model(args.shape, Path(tmp))
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = str(args.model_cache or scratch)
+        if not (Path(tmp) / "config.json").is_file():
+            build_model(args.shape, Path(tmp), args.tokenizer)
         results = []
-        for config in ("trl-defaults", "ours"):
+        for config in args.configs:
             command = [
                 sys.executable,
                 "-m",
@@ -192,13 +216,25 @@ def main(argv: list[str] | None = None) -> None:
             if output.returncode:
                 raise SystemExit(f"{config} failed:\n{output.stderr[-3000:]}")
             results.append(json.loads(output.stdout.strip().splitlines()[-1]))
-    print(f"shape {args.shape}, seq ≤ {args.seq_len}, batch {args.batch_size}, {args.steps} steps")
+    setting = {
+        "shape": args.shape,
+        "seq_len": args.seq_len,
+        "batch_size": args.batch_size,
+        "steps": args.steps,
+        "qlora": args.qlora,
+        "liger": args.liger,
+        "device": device_name(),
+    }
+    if args.out:
+        args.out.write_text(json.dumps({**setting, "results": results}, indent=2) + "\n")
+    print(f"shape {args.shape}, seq ≤ {args.seq_len}, batch {args.batch_size}, {args.steps} steps, {setting['device']}")
     for result in results:
         print(
             f"  {result['config']:13} {result['tokens_per_second']:9.1f} tokens/s  "
             f"{result['peak_memory_gib']:6.2f} GiB peak ({result['memory']})"
         )
-    print(f"  ratio ours / trl-defaults: {results[1]['tokens_per_second'] / results[0]['tokens_per_second']:.2f}x")
+    if len(results) == 2:
+        print(f"  ratio ours / trl-defaults: {results[1]['tokens_per_second'] / results[0]['tokens_per_second']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -101,7 +101,11 @@ def load_model(model_dir: Path, train: TrainParams, device: Device):
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     # Weights stay fp32 on CPU (bf16 there is autocast only); bf16 weights on a bf16-capable GPU.
-    kwargs: dict = {"dtype": torch.bfloat16 if device.cuda and device.bf16 else torch.float32, "use_safetensors": True}
+    kwargs: dict = {
+        "dtype": torch.bfloat16 if device.cuda and device.bf16 else torch.float32,
+        "use_safetensors": True,
+        "attn_implementation": attention_for(train, device),
+    }
     if train.qlora:
         from accelerate import PartialState
         from transformers import BitsAndBytesConfig
@@ -126,6 +130,12 @@ def load_model(model_dir: Path, train: TrainParams, device: Device):
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
     return model, tokenizer
+
+
+def attention_for(train: TrainParams, device: Device) -> str:
+    if train.attention != "auto":
+        return train.attention
+    return "flex_attention" if device.cuda and (train.padding_free or train.packing) else "sdpa"
 
 
 def _checkpointing(train: TrainParams, device: Device) -> bool:

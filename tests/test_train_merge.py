@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.common import PipelineError, read_jsonl
-from pipeline.train import Device, build_trainer, check_device
+from pipeline.train import Device, attention_for, build_trainer, check_device
 from tests.conftest import MULTI_TURN
 from tests.test_templates import trained_runs
 
@@ -82,6 +82,16 @@ def test_qlora_without_cuda_is_one_clear_error(repo_params):
     qlora = dataclasses.replace(repo_params.train, qlora=True)
     with pytest.raises(PipelineError, match=r"train\.qlora: true needs a CUDA GPU"):
         check_device(qlora, CPU)
+
+
+def test_attention_auto_is_flex_for_padding_free_batches_on_cuda_and_sdpa_elsewhere(repo_params):
+    cuda = Device(cuda=True, bf16=True, tf32=True)
+    train = repo_params.train
+    assert attention_for(train, cuda) == "flex_attention"  # dense sdpa masks over a packed row cost 2x on a GPU
+    assert attention_for(train, CPU) == "sdpa"
+    assert attention_for(dataclasses.replace(train, padding_free=False), cuda) == "sdpa"
+    assert attention_for(dataclasses.replace(train, padding_free=False, packing=True), cuda) == "flex_attention"
+    assert attention_for(dataclasses.replace(train, attention="eager"), cuda) == "eager"
 
 
 @pytest.fixture(scope="module")
