@@ -32,8 +32,10 @@ $(STAMP):
 run: setup  ## run the pipeline (dvc repro): prepare -> base -> train -> merge -> convert -> quantize
 	dvc repro
 
+# PYTEST_ARGS selects tests, e.g. make test PYTEST_ARGS="tests/test_params.py -q" (the CI file's self-test uses it)
+PYTEST_ARGS ?=
 test: setup  ## run the test suite
-	HF_HUB_OFFLINE=1 pytest
+	HF_HUB_OFFLINE=1 pytest $(PYTEST_ARGS)
 
 lint: setup  ## ruff
 	ruff check .

@@ -287,9 +287,9 @@ def load_modelfile(path: str | Path) -> Modelfile:
     return parse_modelfile(text, str(path))
 
 
-def _quote(value: str, what: str) -> str:
-    """`value` as a Modelfile value that parses back to exactly `value`: bare when it can be,
-    else in triple quotes, else in plain quotes."""
+def quote_value(value: str, what: str) -> str:
+    """`value` written as a Modelfile value that parses back to exactly `value`: bare when it can be,
+    else in triple quotes, else in plain quotes; `what` (e.g. "SYSTEM") names it in errors."""
     if not all(_is_kept(char) for char in value):
         raise PipelineError(f"{what}: a non-printable character cannot be written in a Modelfile: {value!r}")
     if value and value == value.strip() and not value.startswith('"') and not NEWLINE.search(value):
@@ -318,12 +318,12 @@ def _format_parameter(value: Any) -> str:
 
 def render_modelfile(modelfile: Modelfile) -> str:
     """The Modelfile as text; parse_modelfile(render_modelfile(m)) == m."""
-    lines = [f"FROM {_quote(modelfile.from_, 'FROM')}"]
-    lines += [f"ADAPTER {_quote(adapter, 'ADAPTER')}" for adapter in modelfile.adapters]
+    lines = [f"FROM {quote_value(modelfile.from_, 'FROM')}"]
+    lines += [f"ADAPTER {quote_value(adapter, 'ADAPTER')}" for adapter in modelfile.adapters]
     if modelfile.template is not None:
-        lines.append(f"TEMPLATE {_quote(modelfile.template, 'TEMPLATE')}")
+        lines.append(f"TEMPLATE {quote_value(modelfile.template, 'TEMPLATE')}")
     if modelfile.system is not None:
-        lines.append(f"SYSTEM {_quote(modelfile.system, 'SYSTEM')}")
+        lines.append(f"SYSTEM {quote_value(modelfile.system, 'SYSTEM')}")
     for name, value in modelfile.parameters.items():
         what = f"PARAMETER {name}"
         kind = PARAMETER_TYPES.get(name)
@@ -333,11 +333,11 @@ def render_modelfile(modelfile: Modelfile) -> str:
         item_kind = str if kind is list else kind
         if (kind is list and not isinstance(value, list)) or not all(_has_type(item, item_kind) for item in values):
             raise PipelineError(f"{what}: expected {kind.__name__} values, got {value!r}")
-        lines += [f"{what} {_quote(_format_parameter(item), what)}" for item in values]
+        lines += [f"{what} {quote_value(_format_parameter(item), what)}" for item in values]
     for message in modelfile.messages:
         role = message["role"]
         if role not in MESSAGE_ROLES:
             raise PipelineError(f'MESSAGE: role must be one of "system", "user", or "assistant", got {role!r}')
-        lines.append(f"MESSAGE {role} {_quote(message['content'], 'MESSAGE ' + role)}")
-    lines += [f"LICENSE {_quote(text, 'LICENSE')}" for text in modelfile.license]
+        lines.append(f"MESSAGE {role} {quote_value(message['content'], 'MESSAGE ' + role)}")
+    lines += [f"LICENSE {quote_value(text, 'LICENSE')}" for text in modelfile.license]
     return "\n".join(lines) + "\n"

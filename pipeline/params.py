@@ -186,6 +186,20 @@ class DeployParams:
 
 
 @dataclass(frozen=True)
+class ModelfileParams:
+    # SYSTEM: Ollama's chat puts it first in a conversation that has no system message of its own;
+    # null = none (the model's chat template then applies its own default, e.g. SmolLM2's).
+    system: str | None = None
+    # PARAMETER num_ctx: the context window Ollama runs the model with, in tokens.
+    num_ctx: int = field(default=2048, metadata=POSITIVE)
+    # PARAMETER num_gpu: layers offloaded to the GPU; 0 = CPU only; null = Ollama decides.
+    num_gpu: int | None = field(default=None, metadata=_check(lambda v: v is None or v >= 0, "must be >= 0 or null"))
+    # LICENSE: a UTF-8 text file shipped as the model's license (keep it in modelfiles/, which the stage
+    # tracks); null = no LICENSE.
+    license: str | None = None
+
+
+@dataclass(frozen=True)
 class Params:
     data: DataParams = field(default_factory=DataParams)
     base: BaseParams = field(default_factory=BaseParams)
@@ -194,6 +208,7 @@ class Params:
     convert: ConvertParams = field(default_factory=ConvertParams)
     quantize: QuantizeParams = field(default_factory=QuantizeParams)
     gate: GateParams = field(default_factory=GateParams)
+    modelfile: ModelfileParams = field(default_factory=ModelfileParams)
     deploy: DeployParams = field(default_factory=DeployParams)
 
 

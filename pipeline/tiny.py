@@ -86,7 +86,9 @@ def build_tokenizer(texts: list[str], out: Path):
         "add_bos_token": True,
         "add_eos_token": False,
         "add_prefix_space": True,  # explicit: llama.cpp's SPM default, so both tokenize alike
-        "legacy": False,
+        # legacy: a "▁" after special tokens, as llama.cpp's SentencePiece tokenizer writes it: the
+        # prompt Ollama serves then has the token ids training saw (the modelfile stage checks this)
+        "legacy": True,
         "bos_token": "<s>",
         "eos_token": "</s>",
         "unk_token": "<unk>",

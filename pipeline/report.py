@@ -1,0 +1,388 @@
+"""The merge request report: what this branch changes in the data, the params, the metrics and the model.
+
+    python -m pipeline.report --target-branch main --out reports/mr.md
+
+Sections:
+- dataset: conversations added, removed and changed against the target branch (read with
+  `git show <target>:data/...`), matched by their user turns (what makes two examples the same
+  question, as prepare's duplicate check), with token statistics from the base model's tokenizer and
+  chat template when it can be loaded here, else whitespace words (the report says which);
+  gate cases added, removed and changed by id;
+- what would retrain: the stages `dvc repro --dry --allow-missing` would run, and what depends on them;
+- `dvc params diff --md` and `dvc metrics diff --md` against the target;
+- the gate's before/after table (reports/gate.md, metrics/gate.json) when a candidate was trained;
+- links to the job artifacts (plots) built from GitLab's CI variables.
+The target is `origin/<branch>` when that ref exists (CI fetches it), else the local branch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.common import PipelineError, get_logger, run_cli, write_text_atomic
+from pipeline.dataset import Example, parse_example
+
+CONVERSATION_FILES = ("data/train.jsonl", "data/eval.jsonl")
+CASES_FILE = "data/gate_cases.jsonl"
+GATE_REPORT = Path("reports/gate.md")
+GATE_METRICS = Path("metrics/gate.json")
+PLOTS = ("plots/train/loss.tsv", "plots/eval/loss.tsv")
+LISTED = 15  # examples listed per change kind; the counts are always complete
+PROMPT_CHARS = 90
+
+log = get_logger("report")
+
+
+# --- git and dvc ---
+
+
+def run(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600)
+    except FileNotFoundError:
+        raise PipelineError(f"{command[0]}: not installed (or not on PATH)") from None
+
+
+def resolve_target(branch: str, cwd: Path) -> str:
+    """`origin/<branch>` if fetched, else `<branch>`; a clear error when neither exists."""
+    for ref in (f"origin/{branch}", branch):
+        if run(["git", "rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}"], cwd).returncode == 0:
+            return ref
+    raise PipelineError(
+        f"target branch {branch!r}: neither origin/{branch} nor {branch} exists here (in CI: git fetch origin {branch})"
+    )
+
+
+def file_at(ref: str, path: str, cwd: Path) -> str | None:
+    """The file's text at `ref`, or None when it does not exist there."""
+    result = run(["git", "show", f"{ref}:{path}"], cwd)
+    return result.stdout if result.returncode == 0 else None
+
+
+def stale_stages(cwd: Path) -> list[str]:
+    """Stages whose own inputs (code, data, params, command) changed against dvc.lock, from `dvc status`.
+    Missing outputs, and inputs missing because an upstream output is not checked out (a fresh clone), do
+    not count: the results are in the DVC cache and remote (what `dvc repro --allow-missing` skips)."""
+    result = run(["dvc", "status", "--json"], cwd)
+    try:
+        status = json.loads(result.stdout or "{}")
+    except json.JSONDecodeError:
+        status = None
+    if result.returncode != 0 or not isinstance(status, dict):
+        raise PipelineError(f"dvc status failed: {(result.stderr or result.stdout).strip()[-500:]}")
+    return [stage for stage, changes in status.items() if any(map(is_input_change, changes))]
+
+
+def is_input_change(change: str | dict) -> bool:
+    """One entry of `dvc status --json`: "always changed", {"changed deps": {path: "modified"|"deleted"|
+    {param: ...}}}, {"changed outs": ...}, {"changed command": ...}; only lost outputs are not a change."""
+    if not isinstance(change, dict):
+        return True
+    for kind, detail in change.items():
+        if kind == "changed outs":
+            continue
+        if kind != "changed deps" or any(state != "deleted" for state in detail.values()):
+            return True
+    return False
+
+
+def downstream_of(stages: list[str], cwd: Path) -> list[str]:
+    """Stages that depend, directly or not, on `stages` (from `dvc dag --dot`), in the DAG's order."""
+    result = run(["dvc", "dag", "--dot"], cwd)
+    if result.returncode != 0:
+        raise PipelineError(f"dvc dag failed: {result.stderr.strip()[-500:]}")
+    order = re.findall(r'^"([^"]+)";$', result.stdout, flags=re.MULTILINE)
+    edges = re.findall(r'^"([^"]+)" -> "([^"]+)";$', result.stdout, flags=re.MULTILINE)
+    reached, frontier = set(), list(stages)
+    while frontier:
+        node = frontier.pop()
+        for source, target in edges:
+            if source == node and target not in reached:
+                reached.add(target)
+                frontier.append(target)
+    return [stage for stage in order if stage in reached and stage not in stages]
+
+
+def dvc_markdown(command: list[str], cwd: Path) -> str:
+    """A `dvc ... --md` table, or what DVC said instead (missing metrics are common: they live in the remote)."""
+    result = run(command, cwd)
+    table = result.stdout.strip()
+    notes = [line for line in result.stderr.splitlines() if line.strip()]
+    if result.returncode != 0:
+        return f"`{' '.join(command)}` failed: {' '.join(notes)[-400:] or 'no message'}"
+    lines = table.splitlines()
+    text = table if len(lines) > 2 else "No differences."
+    if notes:
+        text += "\n\n" + "\n".join(f"> {line}" for line in notes)
+    return text
+
+
+# --- dataset ---
+
+
+def conversations_of(text: str | None, source: str) -> tuple[dict[str, list[dict]], int]:
+    """(question key -> messages, number of rows that are not valid conversations)."""
+    conversations: dict[str, list[dict]] = {}
+    invalid = 0
+    for number, line in enumerate((text or "").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            messages, _, problems = parse_example(json.loads(line))
+        except json.JSONDecodeError:
+            messages, problems = None, ["invalid JSON"]
+        if problems or messages is None:
+            invalid += 1
+            continue
+        conversations.setdefault(Example(source, number, messages).prompt_key(), messages)
+    return conversations, invalid
+
+
+@dataclass
+class Changes:
+    added: list = field(default_factory=list)
+    removed: list = field(default_factory=list)
+    changed: list = field(default_factory=list)  # (old, new)
+    unchanged: int = 0
+
+
+def compare(old: dict, new: dict) -> Changes:
+    changes = Changes()
+    for key, value in new.items():
+        if key not in old:
+            changes.added.append(value)
+        elif old[key] != value:
+            changes.changed.append((old[key], value))
+        else:
+            changes.unchanged += 1
+    changes.removed = [value for key, value in old.items() if key not in new]
+    return changes
+
+
+@dataclass(frozen=True)
+class Counter:
+    count: Callable[[list[dict]], int]
+    unit: str  # "tokens" or "words"
+    how: str  # one sentence for the report
+
+
+def word_counter(reason: str) -> Counter:
+    return Counter(
+        lambda messages: sum(len(m["content"].split()) for m in messages),
+        "words",
+        f"Lengths are whitespace-separated **words**: the base model's tokenizer is not available here ({reason}).",
+    )
+
+
+def make_counter(params_path: Path, corpus: list[str], scratch: Path) -> Counter:
+    """Token counts with the base model's tokenizer and chat template (as prepare counts), else words."""
+    try:
+        from pipeline.models import load_tokenizer
+        from pipeline.params import load_params
+        from pipeline.prepare import token_counter
+
+        base = load_params(params_path).base
+        tokenizer = load_tokenizer(base, corpus, scratch)
+    except Exception as error:  # any failure to load (offline hub model, missing package) falls back to words
+        return word_counter(f"{type(error).__name__}: {str(error).splitlines()[0][:160] if str(error) else ''}")
+    return Counter(
+        token_counter(tokenizer), "tokens", f"Lengths are **tokens** of `{base.model}` after its chat template."
+    )
+
+
+def length_stats(conversations: list[list[dict]], counter: Counter) -> dict:
+    lengths = [counter.count(messages) for messages in conversations]
+    return {
+        "conversations": len(lengths),
+        "total": sum(lengths),
+        "mean": round(sum(lengths) / len(lengths), 1) if lengths else 0,
+        "max": max(lengths, default=0),
+    }
+
+
+def first_question(messages: list[dict]) -> str:
+    text = " ".join(next((m["content"] for m in messages if m["role"] == "user"), "").split())
+    text = text if len(text) <= PROMPT_CHARS else text[: PROMPT_CHARS - 1] + "…"
+    return text.replace("|", "\\|").replace("`", "'")
+
+
+def signed(value: float) -> str:
+    return f"{value:+g}" if value else "0"
+
+
+def dataset_section(target: str, cwd: Path, counter_factory: Callable[[list[str]], Counter]) -> list[str]:
+    files = {
+        path: (file_at(target, path, cwd), (cwd / path).read_text(encoding="utf-8")) for path in CONVERSATION_FILES
+    }
+    parsed = {path: (conversations_of(old, path), conversations_of(new, path)) for path, (old, new) in files.items()}
+    # the `tiny` base builds its tokenizer from the training text, as prepare does
+    training = parsed[CONVERSATION_FILES[0]][1][0]
+    counter = counter_factory([m["content"] for messages in training.values() for m in messages])
+    lines = ["## Dataset", "", counter.how, ""]
+    lines += [
+        f"| file | conversations | added | removed | changed | {counter.unit} total | mean | max |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    details: list[str] = []
+    for path, ((old, old_invalid), (new, new_invalid)) in parsed.items():
+        changes = compare(old, new)
+        before, after = length_stats(list(old.values()), counter), length_stats(list(new.values()), counter)
+        lines.append(
+            f"| `{path}` | {before['conversations']} → {after['conversations']} | {len(changes.added)} | "
+            f"{len(changes.removed)} | {len(changes.changed)} | {before['total']} → {after['total']} "
+            f"({signed(after['total'] - before['total'])}) | {before['mean']} → {after['mean']} | "
+            f"{before['max']} → {after['max']} |"
+        )
+        if files[path][0] is None:
+            details.append(f"- `{path}` is new on this branch.")
+        if new_invalid or old_invalid:
+            details.append(
+                f"- `{path}`: {new_invalid} row(s) here and {old_invalid} on `{target}` are not valid "
+                "conversations (the prepare job lists them)."
+            )
+        details += change_list(path, changes, counter)
+    lines += ["", *details] if details else []
+    return lines
+
+
+def change_list(path: str, changes: Changes, counter: Counter) -> list[str]:
+    rows = [("added", messages, counter.count(messages)) for messages in changes.added]
+    rows += [("removed", messages, -counter.count(messages)) for messages in changes.removed]
+    rows += [("changed", new, counter.count(new) - counter.count(old)) for old, new in changes.changed]
+    if not rows:
+        return []
+    lines = [f"<details><summary><code>{path}</code>: {len(rows)} change(s)</summary>", ""]
+    lines += [f"| change | first question | Δ {counter.unit} |", "|---|---|---:|"]
+    lines += [f"| {kind} | {first_question(m)} | {signed(delta)} |" for kind, m, delta in rows[:LISTED]]
+    if len(rows) > LISTED:
+        lines.append(f"| … | {len(rows) - LISTED} more | |")
+    return [*lines, "", "</details>", ""]
+
+
+def cases_of(text: str | None) -> dict[str, dict]:
+    cases = {}
+    for line in (text or "").splitlines():
+        try:
+            row = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("id"), str):
+            cases[row["id"]] = row
+    return cases
+
+
+def cases_section(target: str, cwd: Path) -> list[str]:
+    changes = compare(cases_of(file_at(target, CASES_FILE, cwd)), cases_of((cwd / CASES_FILE).read_text()))
+    summary = (
+        f"Gate cases (`{CASES_FILE}`): {len(changes.added)} added, {len(changes.removed)} removed, "
+        f"{len(changes.changed)} changed, {changes.unchanged} unchanged."
+    )
+    named = [f"added `{c['id']}`" for c in changes.added] + [f"removed `{c['id']}`" for c in changes.removed]
+    named += [f"changed `{new['id']}`" for _, new in changes.changed]
+    return [summary + (" " + ", ".join(named[:LISTED]) + "." if named else "")]
+
+
+# --- pipeline, gate, links ---
+
+
+def retrain_section(cwd: Path) -> list[str]:
+    stale = stale_stages(cwd)
+    if not stale:
+        return [
+            "## What would retrain",
+            "",
+            "Nothing: no stage's code, data, params or command changed (`dvc repro --dry --allow-missing`). "
+            "Merging this reuses the current model.",
+        ]
+    after = downstream_of(stale, cwd)
+    lines = ["## What would retrain", "", f"Inputs changed for: {', '.join(f'`{s}`' for s in stale)}."]
+    if after:
+        lines.append(f"Downstream, rerun when those outputs change: {', '.join(f'`{s}`' for s in after)}.")
+    return lines
+
+
+def gate_section(cwd: Path) -> list[str]:
+    table, metrics = cwd / GATE_REPORT, cwd / GATE_METRICS
+    if not table.is_file() and not metrics.is_file():
+        return [
+            "## Gate",
+            "",
+            "No candidate was trained in this pipeline (add the `train-candidate` label to train one on the GPU "
+            "runner and get the before/after table here).",
+        ]
+    lines = ["## Gate (candidate)", ""]
+    if metrics.is_file():
+        try:
+            passed = json.loads(metrics.read_text()).get("passed")
+        except (json.JSONDecodeError, AttributeError):
+            passed = None
+        lines.append({True: "**Verdict: passed.**", False: "**Verdict: FAILED.**"}.get(passed, "Verdict: unknown."))
+        lines.append("")
+    if table.is_file():
+        lines.append(table.read_text(encoding="utf-8").strip())
+    return lines
+
+
+def links_section(env: dict[str, str]) -> list[str]:
+    """Links into GitLab for this job's artifacts and the candidate's plots (job id from PLOTS_JOB_ID)."""
+    project, job = env.get("CI_PROJECT_URL"), env.get("CI_JOB_ID")
+    if not project or not job:
+        return []
+    lines = ["## Links", "", f"- [This report and its inputs (job artifacts)]({project}/-/jobs/{job}/artifacts/browse)"]
+    plots_job = env.get("PLOTS_JOB_ID")
+    if plots_job:
+        artifacts = f"{project}/-/jobs/{plots_job}/artifacts"
+        lines.append(f"- [Loss plots of the candidate]({artifacts}/browse/plots)")
+        lines.append(f"- [Plots diff against the target (HTML)]({artifacts}/file/reports/plots/index.html)")
+    return lines
+
+
+def build_report(
+    cwd: Path, target_branch: str, env: dict[str, str], counter_factory: Callable[[list[str]], Counter]
+) -> str:
+    target = resolve_target(target_branch, cwd)
+    head = run(["git", "rev-parse", "--short", "HEAD"], cwd).stdout.strip() or "workspace"
+    sections = [
+        [f"# Merge request report: `{head}` against `{target}`"],
+        dataset_section(target, cwd, counter_factory),
+        cases_section(target, cwd),
+        retrain_section(cwd),
+        ["## Params", "", dvc_markdown(["dvc", "params", "diff", "--md", target], cwd)],
+        ["## Metrics", "", dvc_markdown(["dvc", "metrics", "diff", "--md", target], cwd)],
+        gate_section(cwd),
+        links_section(env),
+    ]
+    return "\n\n".join("\n".join(section) for section in sections if section) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.report", description=__doc__.split("\n")[0])
+    parser.add_argument("--target-branch", default="main", help="branch to compare with (default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=Path("reports/mr.md"), help="Markdown file to write")
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="for the base model's tokenizer")
+    parser.add_argument("--words", action="store_true", help="count words, do not load the tokenizer")
+    args = parser.parse_args(argv)
+
+    cwd = Path.cwd()
+    with tempfile.TemporaryDirectory() as scratch:
+
+        def counter_factory(corpus: list[str]) -> Counter:
+            if args.words:
+                return word_counter("--words was given")
+            return make_counter(args.params, corpus, Path(scratch))
+
+        text = build_report(cwd, args.target_branch, dict(os.environ), counter_factory)
+    write_text_atomic(args.out, text)
+    log.info("wrote %s (%d lines)", args.out, text.count("\n"))
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))

@@ -1,0 +1,161 @@
+"""A local stand-in for GitLab's REST API v4, as far as the MR report needs it.
+
+Follows GitLab's documentation ("Notes API", "REST API" authentication and pagination):
+- every request needs the `PRIVATE-TOKEN` header; without a valid one: 401 {"message": "401 Unauthorized"};
+- GET /api/v4/user: the token's user;
+- GET /api/v4/projects/:id/merge_requests/:iid/notes: `per_page` (default 20, at most 100), `page`
+  (default 1), `sort` (asc|desc, default desc), `order_by` (created_at|updated_at); the response carries
+  x-page, x-per-page, x-total, x-total-pages, x-next-page, x-prev-page (empty when there is none) and Link;
+- POST .../notes with `body` (form or JSON): 201 and the note;
+- PUT .../notes/:note_id with `body`: 200 and the note; only its author may edit it (403 otherwise);
+- an unknown project or merge request: 404. `:id` may be the number or the URL-encoded path.
+
+It runs on 127.0.0.1 in a thread and records every request, so tests can assert what was sent.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, unquote, urlsplit
+
+NOTES_PATH = re.compile(r"^/api/v4/projects/(?P<project>[^/]+)/merge_requests/(?P<iid>\d+)/notes(?:/(?P<note>\d+))?$")
+
+
+@dataclass
+class GitLabState:
+    token: str
+    user: dict
+    project_id: str = "42"
+    project_path: str = "ml/llm-gitops"
+    merge_request_iid: str = "7"
+    notes: list[dict] = field(default_factory=list)
+    requests: list[tuple[str, str]] = field(default_factory=list)  # (method, path with query)
+    next_id: int = 1000
+
+    def add_note(self, body: str, author: dict) -> dict:
+        self.next_id += 1
+        stamp = f"2026-01-01T00:{self.next_id // 60 % 60:02d}:{self.next_id % 60:02d}.000Z"
+        note = {
+            "id": self.next_id,
+            "type": None,
+            "body": body,
+            "author": author,
+            "created_at": stamp,
+            "updated_at": stamp,
+            "system": False,
+            "noteable_type": "MergeRequest",
+            "noteable_iid": int(self.merge_request_iid),
+        }
+        self.notes.append(note)
+        return note
+
+
+def _handler(state: GitLabState):
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):  # keep pytest's output clean
+            pass
+
+        def _send(self, status: int, payload, headers: dict[str, str] | None = None) -> None:
+            data = json.dumps(payload).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(data)
+
+        def _form(self) -> dict[str, str]:
+            raw = self.rfile.read(int(self.headers.get("Content-Length") or 0)).decode()
+            if self.headers.get("Content-Type", "").startswith("application/json"):
+                return json.loads(raw or "{}")
+            return {key: values[0] for key, values in parse_qs(raw, keep_blank_values=True).items()}
+
+        def _route(self, method: str) -> None:
+            state.requests.append((method, self.path))
+            if self.headers.get("PRIVATE-TOKEN") != state.token:
+                return self._send(401, {"message": "401 Unauthorized"})
+            url = urlsplit(self.path)
+            if method == "GET" and url.path == "/api/v4/user":
+                return self._send(200, state.user)
+            match = NOTES_PATH.match(url.path)
+            if not match or unquote(match["project"]) not in (state.project_id, state.project_path):
+                return self._send(404, {"message": "404 Project Not Found"})
+            if match["iid"] != state.merge_request_iid:
+                return self._send(404, {"message": "404 Not found"})
+            if match["note"] is None and method == "GET":
+                return self._list(parse_qs(url.query))
+            if match["note"] is None and method == "POST":
+                body = self._form().get("body")
+                if not body:
+                    return self._send(400, {"message": "400 Bad request - body is missing"})
+                return self._send(201, state.add_note(body, state.user))
+            if match["note"] is not None and method == "PUT":
+                note = next((n for n in state.notes if n["id"] == int(match["note"])), None)
+                if note is None:
+                    return self._send(404, {"message": "404 Note Not Found"})
+                if note["author"]["id"] != state.user["id"]:
+                    return self._send(403, {"message": "403 Forbidden"})
+                note["body"] = self._form().get("body", note["body"])
+                note["updated_at"] = "2026-01-02T00:00:00.000Z"
+                return self._send(200, note)
+            return self._send(405, {"message": "405 Method Not Allowed"})
+
+        def _list(self, query: dict[str, list[str]]) -> None:
+            per_page = min(int(query.get("per_page", ["20"])[0]), 100)
+            page = max(int(query.get("page", ["1"])[0]), 1)
+            key = query.get("order_by", ["created_at"])[0]
+            ordered = sorted(state.notes, key=lambda n: (n[key], n["id"]))
+            if query.get("sort", ["desc"])[0] == "desc":
+                ordered.reverse()
+            total_pages = max(1, -(-len(ordered) // per_page))
+            chunk = ordered[(page - 1) * per_page : page * per_page]
+            base = f"http://{self.headers['Host']}{urlsplit(self.path).path}?per_page={per_page}"
+            links = [f'<{base}&page={page + 1}>; rel="next"'] if page < total_pages else []
+            links += [f'<{base}&page=1>; rel="first"', f'<{base}&page={total_pages}>; rel="last"']
+            headers = {
+                "x-page": str(page),
+                "x-per-page": str(per_page),
+                "x-total": str(len(ordered)),
+                "x-total-pages": str(total_pages),
+                "x-next-page": str(page + 1) if page < total_pages else "",
+                "x-prev-page": str(page - 1) if page > 1 else "",
+                "Link": ", ".join(links),
+            }
+            self._send(200, chunk, headers)
+
+        def do_GET(self):
+            self._route("GET")
+
+        def do_POST(self):
+            self._route("POST")
+
+        def do_PUT(self):
+            self._route("PUT")
+
+    return Handler
+
+
+class GitLabDouble:
+    """`with GitLabDouble(state) as api: api.url` is the base to use as CI_API_V4_URL."""
+
+    def __init__(self, state: GitLabState):
+        self.state = state
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(state))
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/api/v4"
+
+    def __enter__(self) -> GitLabDouble:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()

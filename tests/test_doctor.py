@@ -1,0 +1,183 @@
+"""The runner doctor on this machine (no GPU here): every check reports PASS/FAIL/SKIP with a fix, none crashes.
+
+Ollama and a Docker registry cannot run here: the doctor talks to local doubles that answer as their APIs
+are documented (Ollama `GET /api/version` -> {"version": ...}; Docker Registry HTTP API v2 `GET /v2/` -> 200
+with `Docker-Distribution-API-Version: registry/2.0`, or 401 with `WWW-Authenticate` when it wants a login).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from pipeline import doctor
+
+ROOT = Path(__file__).resolve().parent.parent
+STATUS_LINE = r"^(PASS|FAIL|SKIP) [a-z-]+: .+"
+
+
+class Double:
+    """A local HTTP server answering GET `path` with (status, headers, JSON body)."""
+
+    def __init__(self, routes: dict[str, tuple[int, dict, object]]):
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                status, headers, body = routes.get(self.path, (404, {}, {"errors": [{"code": "NOT_FOUND"}]}))
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                for name, value in {"Content-Type": "application/json", **headers}.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
+        self.address = f"127.0.0.1:{self.server.server_address[1]}"
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+OLLAMA = {"/api/version": (200, {}, {"version": "0.12.6"})}
+REGISTRY = {"/v2/": (200, {"Docker-Distribution-API-Version": "registry/2.0"}, {})}
+REGISTRY_WITH_LOGIN = {
+    "/v2/": (
+        401,
+        {"Docker-Distribution-API-Version": "registry/2.0", "WWW-Authenticate": 'Basic realm="Registry Realm"'},
+        {"errors": [{"code": "UNAUTHORIZED", "message": "authentication required"}]},
+    )
+}
+
+
+@pytest.fixture
+def services():
+    doubles = [Double(OLLAMA), Double(REGISTRY)]
+    yield doubles
+    for double in doubles:
+        double.close()
+
+
+def closed_port() -> str:
+    """An address where nothing listens (bound, then released)."""
+    probe = ThreadingHTTPServer(("127.0.0.1", 0), BaseHTTPRequestHandler)
+    address = f"127.0.0.1:{probe.server_address[1]}"
+    probe.server_close()
+    return address
+
+
+@pytest.fixture
+def dvc_project(tmp_path) -> Path:
+    """A DVC project whose default remote is a local directory (as the NAS mount is on the rig)."""
+    project, store = tmp_path / "project", tmp_path / "nas-store"
+    project.mkdir()
+    store.mkdir()
+    bin_dir = Path(sys.executable).parent
+    subprocess.run(["git", "init", "-q"], cwd=project, check=True)
+    subprocess.run([bin_dir / "dvc", "init", "-q"], cwd=project, check=True)
+    subprocess.run([bin_dir / "dvc", "remote", "add", "-d", "nas-mount", str(store)], cwd=project, check=True)
+    return project
+
+
+def run_doctor(cwd: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    base = {k: v for k, v in os.environ.items() if k not in ("OLLAMA_HOST", "DEPLOY_REGISTRY", "DVC_REMOTE")}
+    base["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{base['PATH']}"
+    base["PYTHONPATH"] = str(ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.doctor", *args],
+        cwd=cwd,
+        env={**base, **env},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def lines_of(output: str) -> dict[str, str]:
+    return {line.split(":")[0].split()[1]: line for line in output.splitlines() if line[:4] in ("PASS", "FAIL", "SKIP")}
+
+
+def test_every_check_reports_on_this_machine_and_a_missing_gpu_fails_with_fixes(services, dvc_project):
+    ollama, registry = services
+    result = run_doctor(dvc_project, {"OLLAMA_HOST": ollama.address, "DEPLOY_REGISTRY": registry.address})
+    assert "Traceback" not in result.stdout + result.stderr
+    reported = lines_of(result.stdout)
+    assert list(reported) == list(doctor.CHECKS)
+    assert reported["ollama"] == f"PASS ollama: http://{ollama.address} 0.12.6"
+    assert reported["registry"].startswith(f"PASS registry: http://{registry.address}/v2/ answers")
+    assert reported["dvc-remote"].startswith("PASS dvc-remote: nas-mount: ")
+    assert reported["disk-builds"].startswith("PASS disk-builds: ") or "want >= 50 GiB" in reported["disk-builds"]
+    if shutil.which("nvidia-smi") is None:  # this machine: no GPU, so the run fails, clearly
+        assert reported["gpu-driver"] == "FAIL gpu-driver: nvidia-smi not found: no NVIDIA driver on this machine"
+        assert reported["torch-cuda"].startswith("FAIL torch-cuda: torch ")
+        assert reported["torch-cuda"].endswith("sees no CUDA device")
+        assert reported["bitsandbytes"].startswith("SKIP bitsandbytes: no CUDA device")
+        assert result.returncode == 1
+        assert "     fix: install the NVIDIA driver" in result.stdout
+        assert "failed: gpu-driver, torch-cuda" in result.stdout.splitlines()[-1]
+
+
+def test_unreachable_services_and_a_missing_mount_fail_with_a_fix_each(dvc_project, tmp_path):
+    (tmp_path / "nas-store").rmdir()  # the NAS share is not mounted
+    dead = closed_port()
+    env = {"OLLAMA_HOST": f"http://{dead}", "DEPLOY_REGISTRY": dead}
+    result = run_doctor(dvc_project, env, "--only", "dvc-remote", "ollama", "registry")
+    assert result.returncode == 1
+    reported = lines_of(result.stdout)
+    assert reported["dvc-remote"] == f"FAIL dvc-remote: nas-mount: {tmp_path / 'nas-store'} does not exist"
+    assert reported["ollama"] == f"FAIL ollama: http://{dead}: ConnectionError"
+    assert reported["registry"] == f"FAIL registry: {dead}: https: ConnectionError; http: ConnectionError"
+    fixes = [line for line in result.stdout.splitlines() if line.startswith("     fix: ")]
+    assert len(fixes) == 3
+    assert "mount the NAS share" in fixes[0]
+
+
+def test_unset_service_variables_fail_and_say_what_to_set(dvc_project):
+    result = run_doctor(dvc_project, {}, "--only", "ollama", "registry")
+    assert result.returncode == 1
+    assert "FAIL ollama: OLLAMA_HOST is not set\n     fix: set OLLAMA_HOST" in result.stdout
+    assert "FAIL registry: DEPLOY_REGISTRY is not set\n     fix: set DEPLOY_REGISTRY=host:port" in result.stdout
+
+
+def test_a_registry_that_wants_a_login_fails_because_ollama_push_cannot_log_in(dvc_project):
+    registry = Double(REGISTRY_WITH_LOGIN)
+    try:
+        result = run_doctor(dvc_project, {"DEPLOY_REGISTRY": registry.address}, "--only", "registry")
+    finally:
+        registry.close()
+    assert result.returncode == 1
+    assert f"FAIL registry: http://{registry.address}/v2/ wants authentication" in result.stdout
+    assert "`ollama push` cannot log in to a plain registry" in result.stdout
+
+
+def test_too_little_disk_fails_and_passing_checks_exit_zero(dvc_project):
+    full = run_doctor(dvc_project, {}, "--only", "disk-builds", "disk-dvc-cache", "--min-free-gib", "1e9")
+    assert full.returncode == 1
+    assert "FAIL disk-builds: " in full.stdout
+    assert "want >= 1e+09 GiB" in full.stdout
+    fine = run_doctor(dvc_project, {}, "--only", "disk-builds", "dvc-remote", "--min-free-gib", "0")
+    assert fine.returncode == 0, fine.stdout
+    assert fine.stdout.splitlines()[-1] == "2 of 2 checks did not fail"
+
+
+def test_a_check_that_breaks_is_reported_as_a_failure_not_a_traceback(monkeypatch, capsys):
+    def broken(options):
+        raise KeyError("nvidia")
+
+    monkeypatch.setitem(doctor.CHECKS, "gpu-driver", broken)
+    results = doctor.run_checks(["gpu-driver"], SimpleNamespace(min_free_gib=1))
+    assert results[0][1].status == "FAIL"
+    assert capsys.readouterr().out.startswith("FAIL gpu-driver: the check itself broke: KeyError: 'nvidia'")

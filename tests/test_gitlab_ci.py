@@ -1,0 +1,366 @@
+""".gitlab-ci.yml: valid for GitLab, the right jobs per pipeline kind, and the CPU jobs really run.
+
+Tools, installed once per machine into the tool cache (LLM_GITOPS_CACHE, default ~/.cache/llm-gitops):
+- check-jsonschema (its own small virtualenv), validating against the GitLab CI schema it vendors;
+- gitlab-ci-local from npm, pinned to a release that runs on Node 20 (4.74+ needs Node 22), plus rsync
+  (Debian package) which it needs to run jobs.
+gitlab-ci-local has no merge request or tag mode: each scenario sets GitLab's predefined variables the
+way GitLab sets them for that pipeline (CI_PIPELINE_SOURCE, no CI_COMMIT_BRANCH in MR and tag pipelines,
+CI_MERGE_REQUEST_*, CI_COMMIT_TAG). It ignores `tags`, `resource_group` and `timeout`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from gitlab_api_double import GitLabDouble, GitLabState
+from scratch_project import copy_project, git
+
+from pipeline.gitlab_notes import MARKER
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = Path(os.environ.get("LLM_GITOPS_CACHE", Path.home() / ".cache" / "llm-gitops"))
+GITLAB_CI_LOCAL_VERSION = "4.73.0"
+CHECK_JSONSCHEMA_VERSION = "0.39.0"
+PROJECT_ID = "42"
+# predefined variables the scenarios set on purpose (gitlab-ci-local would warn about each)
+PREDEFINED = ",".join(
+    (
+        *("CI_PIPELINE_SOURCE", "CI_PROJECT_ID", "CI_COMMIT_BRANCH", "CI_COMMIT_TAG", "CI_COMMIT_REF_NAME"),
+        *("CI_OPEN_MERGE_REQUESTS", "CI_API_V4_URL"),
+    )
+)
+NEW_CONVERSATION = {
+    "messages": [
+        {"role": "user", "content": "How do I make the Psion beep in OPL?"},
+        {"role": "assistant", "content": "Use BEEP with a duration and a pitch:\nPROC main:\n  BEEP 5,300\nENDP"},
+    ]
+}
+
+MERGE_REQUEST = {
+    "CI_PIPELINE_SOURCE": "merge_request_event",
+    "CI_MERGE_REQUEST_IID": "7",
+    "CI_MERGE_REQUEST_TARGET_BRANCH_NAME": "main",
+    "CI_MERGE_REQUEST_SOURCE_BRANCH_NAME": "more-data",
+    "CI_PROJECT_ID": PROJECT_ID,
+    "CI_MERGE_REQUEST_SOURCE_PROJECT_ID": PROJECT_ID,
+}
+NEVER_IN_MR = {"retrain": "never", "deploy": "never", "deploy-tag": "never", "rollback": "never"}
+CHECKS = {"lint": "on_success", "tests": "on_success", "validate-data": "on_success"}
+NO_CANDIDATE = {"train-candidate": "never", "candidate-report": "never"}
+
+
+# --- tools (installed once, cached) ---
+
+
+def ensure_rsync() -> None:
+    if shutil.which("rsync"):
+        return
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        pytest.skip("gitlab-ci-local needs rsync (apt-get install rsync)")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", "rsync"]
+    if subprocess.run(install, env=env, capture_output=True).returncode != 0:
+        subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, check=True)
+        subprocess.run(install, env=env, capture_output=True, check=True)
+
+
+@pytest.fixture(scope="session")
+def gitlab_ci_local() -> Path:
+    if not shutil.which("npm") or not shutil.which("node"):
+        pytest.skip("gitlab-ci-local needs Node.js and npm")
+    prefix = CACHE / "npm"
+    package = prefix / "node_modules" / "gitlab-ci-local" / "package.json"
+    if not package.is_file() or json.loads(package.read_text())["version"] != GITLAB_CI_LOCAL_VERSION:
+        subprocess.run(
+            [
+                "npm",
+                "install",
+                "--prefix",
+                str(prefix),
+                "--no-audit",
+                "--no-fund",
+                f"gitlab-ci-local@{GITLAB_CI_LOCAL_VERSION}",
+            ],
+            check=True,
+            capture_output=True,
+        )
+    ensure_rsync()
+    return prefix / "node_modules" / ".bin" / "gitlab-ci-local"
+
+
+@pytest.fixture(scope="session")
+def check_jsonschema() -> Path:
+    venv = CACHE / f"check-jsonschema-{CHECK_JSONSCHEMA_VERSION}"
+    executable = venv / "bin" / "check-jsonschema"
+    complete = venv / ".complete"  # written last: an interrupted install is redone, never half-used
+    if not complete.is_file():
+        shutil.rmtree(venv, ignore_errors=True)
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run(
+            [venv / "bin" / "pip", "install", "-q", f"check-jsonschema=={CHECK_JSONSCHEMA_VERSION}"],
+            check=True,
+            capture_output=True,
+        )
+        complete.touch()
+    return executable
+
+
+def stamped_venv() -> Path | None:
+    """A virtualenv `make setup` considers complete (its stamp for these requirements), for the jobs to reuse."""
+    key = subprocess.run(
+        "cat requirements.txt requirements-dev.txt | sha256sum | cut -c1-12",
+        shell=True,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    candidates = [os.environ.get("VENV"), sys.prefix, str(CACHE / f"venv-{key}")]
+    for candidate in filter(None, candidates):
+        venv = (ROOT / candidate).resolve()
+        if (venv / f".installed-{key}").is_file():
+            return venv
+    return None
+
+
+# --- a scratch project: the working tree as `main` on a local origin, and an MR branch adding data ---
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    """The project's files (tracked and new, as `git ls-files` sees them) committed as `main`, pushed to a
+    bare origin; then a branch `more-data` that adds one conversation. The base model is `tiny` so the
+    prepare job takes seconds, not a SmolLM2 tokenizer load."""
+    top = tmp_path_factory.mktemp("gitlab-ci")
+    repo = copy_project(top / "repo")
+    git(top, "init", "-q", "--bare", "origin.git")
+    git(repo, "remote", "add", "origin", str(top / "origin.git"))
+    git(repo, "push", "-q", "origin", "main")
+    git(repo, "remote", "set-head", "origin", "main")
+    git(repo, "checkout", "-q", "-b", "more-data")
+    with open(repo / "data" / "train.jsonl", "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(NEW_CONVERSATION) + "\n")
+    git(repo, "commit", "-q", "-a", "-m", "One more OPL conversation")
+    return repo
+
+
+def job_env() -> dict[str, str]:
+    """The test's environment without GitLab's variables (CI itself may run under GitLab)."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("CI_", "GITLAB_", "PYTEST_"))}
+
+
+def gcl(binary: Path, repo: Path, *args: str, variables: dict[str, str] | None = None, unset: tuple[str, ...] = ()):
+    command = [str(binary), "--ignore-predefined-vars", PREDEFINED, "--no-color", *args]
+    for name, value in (variables or {}).items():
+        command += ["--variable", f"{name}={value}"]
+    for name in unset:
+        command += ["--unset-variable", name]
+    return subprocess.run(command, cwd=repo, env=job_env(), capture_output=True, text=True, timeout=900)
+
+
+def jobs(binary: Path, repo: Path, branch: str, variables: dict[str, str], unset: tuple[str, ...] = ()) -> dict:
+    """{job: when} of the pipeline gitlab-ci-local builds for `branch` with these variables."""
+    git(repo, "checkout", "-q", branch)
+    result = gcl(binary, repo, "--list-json", variables=variables, unset=unset)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()  # log lines (warnings) may come before the JSON array
+    listed = json.loads("\n".join(lines[lines.index("[") :]))
+    return {job["name"]: job["when"] for job in listed}
+
+
+# --- schema ---
+
+
+def test_ci_file_validates_against_gitlabs_schema_and_a_typo_does_not(check_jsonschema, tmp_path):
+    command = [str(check_jsonschema), "--builtin-schema", "vendor.gitlab-ci", "--data-transform", "gitlab-ci"]
+    ok = subprocess.run([*command, str(ROOT / ".gitlab-ci.yml")], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "ok -- validation done" in ok.stdout
+
+    typo = tmp_path / ".gitlab-ci.yml"
+    typo.write_text((ROOT / ".gitlab-ci.yml").read_text().replace("when: manual", "when: manuel"))
+    bad = subprocess.run([*command, str(typo)], capture_output=True, text=True)
+    assert bad.returncode == 1
+    assert "'manuel' is not one of" in bad.stdout
+
+
+# --- which jobs run ---
+
+
+def test_merge_request_pipeline_checks_and_reports_without_gpu_or_deploy(gitlab_ci_local, project):
+    listed = jobs(gitlab_ci_local, project, "more-data", MERGE_REQUEST, unset=("CI_COMMIT_BRANCH",))
+    assert listed == {**CHECKS, "mr-report": "on_success", **NO_CANDIDATE, **NEVER_IN_MR}
+
+
+def test_train_candidate_label_adds_the_gpu_candidate_and_its_report(gitlab_ci_local, project):
+    labelled = {**MERGE_REQUEST, "CI_MERGE_REQUEST_LABELS": "dataset,train-candidate"}
+    listed = jobs(gitlab_ci_local, project, "more-data", labelled, unset=("CI_COMMIT_BRANCH",))
+    assert listed == {
+        **CHECKS,
+        "mr-report": "on_success",
+        "train-candidate": "on_success",
+        "candidate-report": "always",  # reports the gate table even when the candidate failed it
+        **NEVER_IN_MR,
+    }
+    by_variable = jobs(
+        gitlab_ci_local, project, "more-data", {**MERGE_REQUEST, "TRAIN_CANDIDATE": "true"}, ("CI_COMMIT_BRANCH",)
+    )
+    assert by_variable["train-candidate"] == "on_success"
+    similar_label = {**MERGE_REQUEST, "CI_MERGE_REQUEST_LABELS": "no-train-candidate-please"}
+    assert (
+        jobs(gitlab_ci_local, project, "more-data", similar_label, ("CI_COMMIT_BRANCH",))["train-candidate"] == "never"
+    )
+
+
+def test_fork_merge_request_never_reaches_the_gpu_runner_even_with_the_label(gitlab_ci_local, project):
+    fork = {
+        **MERGE_REQUEST,
+        "CI_MERGE_REQUEST_SOURCE_PROJECT_ID": "4242",
+        "CI_MERGE_REQUEST_LABELS": "train-candidate",
+        "TRAIN_CANDIDATE": "true",
+    }
+    listed = jobs(gitlab_ci_local, project, "more-data", fork, unset=("CI_COMMIT_BRANCH",))
+    assert listed == {**CHECKS, "mr-report": "on_success", **NO_CANDIDATE, **NEVER_IN_MR}
+
+
+def test_default_branch_push_checks_retrains_deploys_and_offers_a_manual_rollback(gitlab_ci_local, project):
+    listed = jobs(gitlab_ci_local, project, "main", {"CI_PROJECT_ID": PROJECT_ID})
+    assert listed == {
+        **CHECKS,
+        "mr-report": "never",
+        **NO_CANDIDATE,
+        "retrain": "on_success",
+        "deploy": "on_success",
+        "deploy-tag": "never",
+        "rollback": "manual",
+    }
+
+
+def test_model_tag_pipeline_deploys_that_tag_only(gitlab_ci_local, project):
+    tag = {"CI_COMMIT_TAG": "model-v3", "CI_COMMIT_REF_NAME": "model-v3", "CI_PROJECT_ID": PROJECT_ID}
+    listed = jobs(gitlab_ci_local, project, "main", tag, unset=("CI_COMMIT_BRANCH",))
+    assert {job: when for job, when in listed.items() if when != "never"} == {
+        "deploy-tag": "on_success",
+        "rollback": "manual",
+    }
+    other_tag = {**tag, "CI_COMMIT_TAG": "v1.0", "CI_COMMIT_REF_NAME": "v1.0"}
+    assert set(jobs(gitlab_ci_local, project, "main", other_tag, unset=("CI_COMMIT_BRANCH",)).values()) == {"never"}
+
+
+def test_branch_pushes_start_no_pipeline_of_their_own(gitlab_ci_local, project):
+    """A feature branch is covered by its MR pipeline; with an open MR a branch pipeline would be a duplicate."""
+    plain = jobs(gitlab_ci_local, project, "more-data", {"CI_PROJECT_ID": PROJECT_ID})
+    with_open_mr = jobs(
+        gitlab_ci_local, project, "more-data", {"CI_PROJECT_ID": PROJECT_ID, "CI_OPEN_MERGE_REQUESTS": "ml/llm!7"}
+    )
+    assert set(plain.values()) == set(with_open_mr.values()) == {"never"}
+
+
+@pytest.mark.parametrize(
+    ("branch", "variables", "unset"),
+    [
+        ("more-data", MERGE_REQUEST, ("CI_COMMIT_BRANCH",)),
+        ("more-data", {**MERGE_REQUEST, "CI_MERGE_REQUEST_LABELS": "train-candidate"}, ("CI_COMMIT_BRANCH",)),
+        ("main", {"CI_PROJECT_ID": PROJECT_ID}, ()),
+        ("main", {"CI_COMMIT_TAG": "model-v3", "CI_PROJECT_ID": PROJECT_ID}, ("CI_COMMIT_BRANCH",)),
+    ],
+    ids=["merge-request", "merge-request-candidate", "default-branch", "tag"],
+)
+def test_every_needed_job_exists_in_its_pipeline(gitlab_ci_local, project, branch, variables, unset):
+    git(project, "checkout", "-q", branch)
+    result = gcl(gitlab_ci_local, project, "--validate-dependency-chain", variables=variables, unset=unset)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "All job dependencies are valid" in result.stdout
+
+
+# --- jobs that really run (shell executor, this machine) ---
+
+ROLLBACK_RECORDER = '''"""Test double of `python -m pipeline.rollback` (deploy branch): records its arguments."""
+
+import json
+import sys
+
+with open("rollback-calls.jsonl", "a") as calls:
+    calls.write(json.dumps(sys.argv[1:]) + "\\n")
+'''
+
+
+@pytest.fixture
+def venv_for_jobs() -> Path:
+    venv = stamped_venv()
+    if venv is None:
+        pytest.skip("no virtualenv that `make setup` considers complete (run the tests through `make test`)")
+    return venv
+
+
+def test_manual_rollback_job_lists_then_rolls_back_to_the_given_tag(gitlab_ci_local, project, venv_for_jobs):
+    """pipeline/rollback.py is replaced, in the scratch copy, by a recorder: the job's wiring is under test."""
+    git(project, "checkout", "-q", "main")
+    recorder = project / "pipeline" / "rollback.py"
+    original = recorder.read_text() if recorder.is_file() else None
+    calls = project / "rollback-calls.jsonl"
+    recorder.write_text(ROLLBACK_RECORDER)
+    try:
+        variables = {"VENV": str(venv_for_jobs), "CI_PROJECT_ID": PROJECT_ID}
+        ran = gcl(
+            gitlab_ci_local,
+            project,
+            "--manual",
+            "rollback",
+            "rollback",
+            variables={**variables, "ROLLBACK_TO": "model-v2"},
+        )
+        assert ran.returncode == 0, ran.stdout[-3000:]
+        assert [json.loads(line) for line in calls.read_text().splitlines()] == [["--list"], ["--to", "model-v2"]]
+
+        calls.unlink()
+        refused = gcl(gitlab_ci_local, project, "--manual", "rollback", "rollback", variables=variables)
+        assert "set ROLLBACK_TO=<tag>" in refused.stdout
+        assert [json.loads(line) for line in calls.read_text().splitlines()] == [["--list"]]
+    finally:
+        calls.unlink(missing_ok=True)
+        if original is None:
+            recorder.unlink()
+        else:
+            recorder.write_text(original)
+
+
+def test_merge_request_cpu_jobs_run_and_post_the_report_note(gitlab_ci_local, project, venv_for_jobs):
+    """The whole MR pipeline through gitlab-ci-local: lint, a quick test selection (PYTEST_ARGS, so the suite
+    does not recurse into this test), dataset validation with `dvc repro prepare`, and the report posted to
+    a local double of GitLab's notes API (tests/gitlab_api_double.py)."""
+    git(project, "checkout", "-q", "more-data")
+    state = GitLabState(token="glpat-ci-test", user={"id": 5, "username": "report-bot"}, project_id=PROJECT_ID)
+    with GitLabDouble(state) as api:
+        variables = {
+            **MERGE_REQUEST,
+            "VENV": str(venv_for_jobs),
+            "PYTEST_ARGS": "tests/test_gitlab_notes.py -q",
+            "GITLAB_REPORT_TOKEN": "glpat-ci-test",
+            "CI_API_V4_URL": api.url,
+        }
+        ran = gcl(gitlab_ci_local, project, "--concurrency", "1", variables=variables, unset=("CI_COMMIT_BRANCH",))
+    output = ran.stdout + ran.stderr
+    assert ran.returncode == 0, output[-6000:]
+    for job in ("lint", "tests", "validate-data", "mr-report"):
+        assert f"PASS  {job}" in output
+    assert "7 passed" in output  # the selected tests really ran
+    assert "glpat-ci-test" not in output
+
+    assert len(state.notes) == 1
+    note = state.notes[0]["body"]
+    assert note.startswith(MARKER)
+    assert "| `data/train.jsonl` | 56 → 57 | 1 | 0 | 0 |" in note
+    assert "| added | How do I make the Psion beep in OPL? |" in note
+    assert "Lengths are **tokens** of `tiny` after its chat template." in note
+    assert "Inputs changed for: `prepare`, `base`." in note
+    assert note == MARKER + "\n" + (project / "reports" / "mr.md").read_text()
+    prepared = json.loads((project / "metrics" / "data.json").read_text())
+    assert prepared["train"]["conversations"] == 57

@@ -1,0 +1,242 @@
+"""The MR report on a scratch copy of the project (real git, real DVC), branch `mr` against `main`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from scratch_project import copy_project, git
+
+from pipeline.common import PipelineError
+from pipeline.dataset import parse_example
+from pipeline.report import (
+    build_report,
+    cases_section,
+    dataset_section,
+    downstream_of,
+    is_input_change,
+    make_counter,
+    stale_stages,
+    word_counter,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+WORDS = word_counter("test")
+ADDED = {
+    "messages": [
+        {"role": "user", "content": "How do I make the Psion beep?"},
+        {"role": "assistant", "content": "BEEP 5,300"},
+    ]
+}
+
+
+@pytest.fixture(scope="module")
+def main_repo(tmp_path_factory) -> Path:
+    return copy_project(tmp_path_factory.mktemp("report") / "main")
+
+
+@pytest.fixture
+def repo(main_repo, tmp_path, monkeypatch) -> Path:
+    """A clone of the scratch project on a new branch `mr`; `main` is the target. DVC is on PATH."""
+    clone = tmp_path / "clone"
+    git(tmp_path, "clone", "-q", str(main_repo), str(clone))
+    git(clone, "checkout", "-q", "-b", "mr")
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    return clone
+
+
+def rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def write_rows(path: Path, data: list[dict]) -> None:
+    path.write_text("".join(json.dumps(row) + "\n" for row in data))
+
+
+def commit(repo: Path, message: str = "change") -> None:
+    git(repo, "commit", "-q", "-a", "-m", message)
+
+
+def words(messages: list[dict]) -> int:
+    return sum(len(m["content"].split()) for m in messages)
+
+
+def messages_of(row: dict) -> list[dict]:
+    """Both dataset formats (chat, legacy Llama-2 text) as messages."""
+    return parse_example(row)[0]
+
+
+def test_conversations_are_matched_by_question_into_added_removed_and_changed(repo):
+    train = repo / "data" / "train.jsonl"
+    before = rows(train)
+    after = [dict(row) for row in before]
+    removed = after.pop(2)
+    assert "messages" in removed and "messages" in after[0]
+    changed = after[0]
+    changed["messages"] = [*changed["messages"][:-1], {"role": "assistant", "content": "PROC main: ENDP"}]
+    after.append(ADDED)
+    write_rows(train, after)
+    commit(repo)
+
+    text = "\n".join(dataset_section("origin/main", repo, lambda corpus: WORDS))
+    total_before = sum(words(messages_of(r)) for r in before)
+    total_after = sum(words(messages_of(r)) for r in after)
+    assert (
+        f"| `data/train.jsonl` | {len(before)} → {len(before)} | 1 | 1 | 1 | {total_before} → {total_after} "
+        f"({total_after - total_before:+d}) |" in text
+    )
+    assert "| `data/eval.jsonl` | 9 → 9 | 0 | 0 | 0 |" in text
+    assert f"| added | How do I make the Psion beep? | +{words(ADDED['messages'])} |" in text
+    assert f"| removed | {removed['messages'][0]['content']} | -{words(removed['messages'])} |" in text
+    delta = words(changed["messages"]) - words(before[0]["messages"])
+    assert f"| changed | Write a Hello Chris program for the Psion. | {delta:+d} |" in text
+    assert "Lengths are whitespace-separated **words**" in text
+
+
+def test_lengths_are_tokens_of_the_base_model_when_its_tokenizer_loads(repo, tmp_path):
+    counter = make_counter(repo / "params.yaml", ["PROC main:", "PRINT"], tmp_path)
+    assert counter.unit == "tokens"
+    assert counter.how == "Lengths are **tokens** of `tiny` after its chat template."
+    assert counter.count(ADDED["messages"]) > words(ADDED["messages"])  # special tokens of the template count
+
+
+def test_lengths_fall_back_to_words_and_say_why_when_the_tokenizer_cannot_load(repo, tmp_path):
+    params = repo / "params.yaml"
+    params.write_text(params.read_text().replace("  model: tiny    ", "  model: example-org/not-here", 1))
+    counter = make_counter(params, [], tmp_path)  # the tests run with HF_HUB_OFFLINE=1: no hub
+    assert counter.unit == "words"
+    assert counter.how.startswith("Lengths are whitespace-separated **words**: the base model's tokenizer is not")
+    assert counter.count(ADDED["messages"]) == 9
+
+
+def test_gate_cases_are_compared_by_id(repo):
+    cases = repo / "data" / "gate_cases.jsonl"
+    data = rows(cases)
+    data[0]["expect"] = [*data[0]["expect"], "GET"]
+    dropped = data.pop(1)
+    data.append({"id": "keep-boiling-point", "kind": "keep", "prompt": "Water boils at?", "expect": ["100"]})
+    write_rows(cases, data)
+    commit(repo)
+    (line,) = cases_section("origin/main", repo)
+    assert line == (
+        "Gate cases (`data/gate_cases.jsonl`): 1 added, 1 removed, 1 changed, 14 unchanged. "
+        f"added `keep-boiling-point`, removed `{dropped['id']}`, changed `{data[0]['id']}`."
+    )
+
+
+@pytest.mark.parametrize(
+    ("entry", "counts"),
+    [
+        ({"changed outs": {"models/adapter": "not in cache"}}, False),
+        ({"changed deps": {"models/base": "deleted", "data/prepared": "deleted"}}, False),
+        ({"changed deps": {"data/train.jsonl": "modified"}}, True),
+        ({"changed deps": {"params.yaml": {"train.epochs": "modified"}}}, True),
+        ({"changed command": True}, True),
+        ("always changed", True),
+    ],
+)
+def test_only_changed_inputs_count_as_a_reason_to_retrain(entry, counts):
+    assert is_input_change(entry) is counts
+
+
+MINI_PIPELINE = """
+stages:
+  prepare:
+    cmd: cp data.txt prepared.txt
+    deps: [data.txt]
+    outs: [prepared.txt]
+  train:
+    cmd: cp prepared.txt model.txt && echo ${train.epochs} >> model.txt
+    deps: [prepared.txt]
+    params: [train.epochs]
+    outs: [model.txt]
+  export:
+    cmd: cp model.txt model.gguf
+    deps: [model.txt]
+    outs: [model.gguf]
+"""
+
+
+def test_dvc_decides_what_would_retrain_and_missing_outputs_do_not_count(tmp_path, monkeypatch):
+    """A three-stage DVC project (cp commands) reproduced for real, then cloned without its outputs."""
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    built = tmp_path / "built"
+    built.mkdir()
+    (built / "dvc.yaml").write_text(MINI_PIPELINE)
+    (built / "params.yaml").write_text("train:\n  epochs: 3\n")
+    (built / "data.txt").write_text("one conversation\n")
+    (built / "README.md").write_text("mini\n")
+    git(built, "init", "-q", "-b", "main")
+    subprocess.run(["dvc", "init", "-q"], cwd=built, check=True)
+    subprocess.run(["dvc", "repro", "-q"], cwd=built, check=True, capture_output=True)
+    git(built, "add", "-A")
+    git(built, "commit", "-q", "-m", "trained")
+    fresh = tmp_path / "fresh"  # what a CI job sees: dvc.lock, no outputs, an empty cache
+    git(tmp_path, "clone", "-q", str(built), str(fresh))
+    assert not (fresh / "model.gguf").exists()
+    assert stale_stages(fresh) == []
+
+    (fresh / "README.md").write_text("mini, documented\n")
+    assert stale_stages(fresh) == []  # a README-only change retrains nothing
+
+    (fresh / "params.yaml").write_text("train:\n  epochs: 4\n")
+    assert stale_stages(fresh) == ["train"]
+    assert downstream_of(["train"], fresh) == ["export"]
+
+    (fresh / "data.txt").write_text("one conversation\nand another\n")
+    assert stale_stages(fresh) == ["prepare", "train"]
+    assert downstream_of(["prepare"], fresh) == ["train", "export"]
+
+
+def test_report_has_every_section_with_the_candidates_gate_and_links(repo):
+    with open(repo / "data" / "train.jsonl", "a") as handle:
+        handle.write(json.dumps(ADDED) + "\n")
+    commit(repo)
+    (repo / "reports").mkdir()
+    (repo / "reports" / "gate.md").write_text(
+        "| case | before | after |\n|---|---:|---:|\n| learn-hello | 0.33 | 1.00 |\n"
+    )
+    (repo / "metrics" / "gate.json").write_text(json.dumps({"passed": True, "learn": {"after": 1.0}}))
+    env = {"CI_PROJECT_URL": "https://gitlab.example.com/ml/llm", "CI_JOB_ID": "900", "PLOTS_JOB_ID": "899"}
+
+    text = build_report(repo, "main", env, lambda corpus: WORDS)
+
+    head = git(repo, "rev-parse", "--short", "HEAD").strip()
+    assert text.startswith(f"# Merge request report: `{head}` against `origin/main`\n")
+    for heading in ("## Dataset", "## What would retrain", "## Params", "## Metrics", "## Gate (candidate)"):
+        assert f"\n{heading}\n" in text
+    assert "Inputs changed for: `prepare`, `base`" in text
+    assert "**Verdict: passed.**\n\n| case | before | after |" in text
+    assert "| learn-hello | 0.33 | 1.00 |" in text
+    assert (
+        "- [This report and its inputs (job artifacts)](https://gitlab.example.com/ml/llm/-/jobs/900/artifacts/browse)"
+        in text
+    )
+    assert (
+        "- [Loss plots of the candidate](https://gitlab.example.com/ml/llm/-/jobs/899/artifacts/browse/plots)" in text
+    )
+
+
+def test_without_a_candidate_the_report_says_how_to_get_one(repo):
+    text = build_report(repo, "main", {}, lambda corpus: WORDS)
+    assert "No candidate was trained in this pipeline (add the `train-candidate` label" in text
+    assert "## Links" not in text  # no CI variables, no links
+
+
+def test_an_unknown_target_branch_is_one_clear_error(repo):
+    with pytest.raises(PipelineError, match="target branch 'develop': neither origin/develop nor develop exists"):
+        build_report(repo, "develop", {}, lambda corpus: WORDS)
+    cli = subprocess.run(
+        [sys.executable, "-m", "pipeline.report", "--target-branch", "develop", "--words"],
+        cwd=repo,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+    )
+    assert cli.returncode == 1
+    assert cli.stderr.startswith("error: target branch 'develop'")
+    assert "Traceback" not in cli.stderr

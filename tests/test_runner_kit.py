@@ -1,0 +1,48 @@
+"""runner/register.sh and its config template, rendered without gitlab-runner (DRY_RUN=1 changes nothing)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+REGISTER = ROOT / "runner" / "register.sh"
+
+
+def register(**env: str) -> subprocess.CompletedProcess:
+    clean = {k: v for k, v in os.environ.items() if k not in ("CUDA_VISIBLE_DEVICES", "DVC_CACHE_DIR", "HF_HOME")}
+    return subprocess.run(["bash", str(REGISTER)], env={**clean, **env}, capture_output=True, text=True, timeout=60)
+
+
+def test_rendered_config_runs_one_job_on_the_chosen_card_with_the_dvc_cache_outside_the_builds():
+    result = register(
+        DRY_RUN="1", GITLAB_URL="https://gitlab.example.com", RUNNER_TOKEN="glrt-t0ken", CUDA_VISIBLE_DEVICES="1"
+    )
+    assert result.returncode == 0, result.stderr
+    assert "glrt-t0ken" not in result.stdout  # the dry run never shows the token
+    config = tomllib.loads(result.stdout)
+    assert config["concurrent"] == 1
+    (runner,) = config["runners"]
+    assert (runner["url"], runner["executor"], runner["limit"]) == ("https://gitlab.example.com", "shell", 1)
+    environment = dict(item.split("=", 1) for item in runner["environment"])
+    assert environment["CUDA_VISIBLE_DEVICES"] == "1"
+    assert environment["DVC_CACHE_DIR"] == "/srv/dvc-cache"
+    assert not environment["DVC_CACHE_DIR"].startswith(runner["builds_dir"] + "/")
+    assert environment["GIT_CLEAN_FLAGS"] == "-ffdx -e .dvc/cache -e .cache/"
+    assert runner["docker"]["gpus"] == "all"
+    assert "/srv/dvc-cache:/srv/dvc-cache" in runner["docker"]["volumes"]
+    settings = [line for line in result.stdout.splitlines() if not line.lstrip().startswith("#")]
+    assert not [line for line in settings if "@" in line]  # every placeholder was filled
+
+
+def test_register_refuses_old_registration_tokens_and_a_cache_inside_the_builds():
+    old = register(GITLAB_URL="https://gitlab.example.com", RUNNER_TOKEN="GR1348941abc")
+    assert old.returncode == 1
+    assert "registration token (deprecated flow)" in old.stderr
+    inside = register(
+        GITLAB_URL="https://gitlab.example.com", RUNNER_TOKEN="glrt-x", BUILDS_DIR="/srv/b", DVC_CACHE_DIR="/srv/b/dvc"
+    )
+    assert inside.returncode == 1
+    assert "DVC_CACHE_DIR must be outside BUILDS_DIR" in inside.stderr
