@@ -154,7 +154,9 @@ def served_check(client: OllamaClient, name: str, release: Release, rules: GateP
                 f"{case.id}: gate {gate_case['after']:.3f} ({gate_case.get('answer', '')[:60]!r}), "
                 f"served {score.score:.3f} ({answer[:60]!r})"
             )
-    reasons = judge(cases, before, after, rules, forbidden)
+    # the gate also bounds what the GGUF may lose against the merged HF model: same rule, same scores
+    merged = {c["id"]: float(c["merged"]) for c in verdict_cases} if all("merged" in c for c in verdict_cases) else None
+    reasons = judge(cases, before, after, rules, forbidden, merged)
     if reasons:
         raise PipelineError(
             f"served check on {client}: {name} fails the gate that the GGUF passed in llama.cpp, so Ollama does not "

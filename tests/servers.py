@@ -130,17 +130,25 @@ class Server:
 
     def start(self) -> None:
         with open(self.log, "ab") as log:
-            self.process = subprocess.Popen(self.command(), env=self.env(), stdout=log, stderr=log, cwd=self.workdir)
+            # its own process group: `ollama serve` starts `ollama runner` children that must go with it
+            self.process = subprocess.Popen(
+                self.command(), env=self.env(), stdout=log, stderr=log, cwd=self.workdir, start_new_session=True
+            )
         _wait_until(self.ready, self.name, self.log)
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.process and self.process.poll() is None:
+        """Signal the server; then nothing of its process group (model runners) outlives it."""
+        if self.process is None:
+            return
+        if self.process.poll() is None:
             self.process.send_signal(sig)
             try:
                 self.process.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
 
     def kill(self) -> None:
         self.stop(signal.SIGKILL)
@@ -496,7 +504,15 @@ def write_release(
             case["system"] = system
         cases.append(case)
         verdict_cases.append(
-            {"id": case_id, "kind": "learn", "before": 0.0, "after": 1.0, "passed": True, "answer": answers[case_id]}
+            {
+                "id": case_id,
+                "kind": "learn",
+                "before": 0.0,
+                "merged": 1.0,
+                "after": 1.0,
+                "passed": True,
+                "answer": answers[case_id],
+            }
         )
     assert len(cases) >= 2, f"the tiny model answered too few prompts with a word: {answers}"
     (root / "data").mkdir(exist_ok=True)

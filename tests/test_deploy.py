@@ -175,7 +175,9 @@ def test_served_check_rejects_a_template_the_model_was_not_trained_with(stack, t
     wrong = write_release(tmp_path, model.gguf, model.answers, template=CHATML_TEMPLATE)
     latest = registry_manifest(stack, "tests/tiny", "latest")[0]
 
-    with pytest.raises(PipelineError, match=r"served check on Ollama at .*fails the gate .*TEMPLATE\?.*learn: mean"):
+    served = r"served check on Ollama at .*fails the gate .*TEMPLATE\?.*learn: mean score 0\.000 < learn_min_score"
+    lost = r".*gguf: mean score 0\.000 below the merged model's 1\.000"
+    with pytest.raises(PipelineError, match=served + lost):
         deploy(load(wrong), ["wrong-template"], settings_for(stack, records), GateParams())
 
     assert "wrong-template" not in registry_tags(stack, "tests/tiny")
