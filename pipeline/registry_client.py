@@ -75,7 +75,7 @@ class Manifest:
 
 class RegistryClient:
     def __init__(self, repository: Repository, insecure: bool, retry: RetryPolicy):
-        self.repository = repository
+        self.repository, self.insecure = repository, insecure
         self.base = f"{'http' if insecure else 'https'}://{repository.registry}/v2/{repository.path}"
         self.retry = retry
         self.session = requests.Session()

@@ -136,6 +136,23 @@ def resolve_source(tag: str, registry: RegistryClient, lacking: list[OllamaClien
         ) from None
 
 
+def push_and_verify(client: OllamaClient, registry: RegistryClient, tag: str, gguf_digest: str | None) -> Manifest:
+    """Push the host's `tag` and check the registry holds exactly that manifest and all its blobs."""
+    name = registry.repository.name(tag)
+    client.push(name, registry.insecure)
+    manifest = registry.manifest(tag)
+    if manifest is None:
+        raise PipelineError(f"{registry}: {tag} is missing after the push")
+    if manifest.local_digest != client.local_digest(name):
+        raise PipelineError(f"{registry}: {tag} is {manifest.digest}, not the manifest {client} has for {name}")
+    for blob in manifest.blobs:
+        registry.check_blob(blob, download=blob.media_type != MODEL_LAYER)
+    model = manifest.layer(MODEL_LAYER)
+    if gguf_digest and client.stores_gguf_as_uploaded and (model is None or model.digest != gguf_digest):
+        raise PipelineError(f"{registry}: the model layer of {tag} is not the GGUF DVC has at {tag}")
+    return manifest
+
+
 def rollback(tag: str, settings: Settings, workdir: Path) -> dict:
     check_version_tag(tag)
     repository = settings.repository
@@ -148,6 +165,7 @@ def rollback(tag: str, settings: Settings, workdir: Path) -> dict:
     source = resolve_source(tag, registry, lacking, workdir)
 
     paths = {client.url: PATHS[0] for client in clients}
+    dvc_gguf_digest = None
     if lacking and source.manifest is not None:
         request, gguf = create_request_from_registry(registry, source.manifest, workdir)
         for client in lacking:
@@ -158,25 +176,18 @@ def rollback(tag: str, settings: Settings, workdir: Path) -> dict:
         modelfile_path = source.dvc_release / MODELFILE
         modelfile = load_modelfile(modelfile_path)
         gguf = (modelfile_path.parent / modelfile.from_).resolve()
-        digest = file_sha256(gguf)
-        request = {"files": {gguf.name: digest}, **modelfile.create_request()}
+        dvc_gguf_digest = file_sha256(gguf)
+        request = {"files": {gguf.name: dvc_gguf_digest}, **modelfile.create_request()}
         for client in lacking:
-            client.upload_blob(gguf, digest)
+            client.upload_blob(gguf, dvc_gguf_digest)
             client.create(name, request)
             paths[client.url] = PATHS[2]
     for client in clients:
         client.load(name)  # it runs here before it goes live
 
     manifest = source.manifest
-    if manifest is None:  # from DVC: the registry gets the version tag first, from the first host
-        clients[0].push(name, settings.insecure)
-        manifest = registry.manifest(tag)
-        if manifest is None:
-            raise PipelineError(f"{registry}: {tag} is missing after the push")
-        for blob in manifest.blobs:
-            registry.check_blob(blob, download=blob.media_type != MODEL_LAYER)
-        if clients[0].stores_gguf_as_uploaded and manifest.layer(MODEL_LAYER).digest != digest:
-            raise PipelineError(f"{registry}: the model layer of {tag} is not the GGUF DVC has at {tag}")
+    if manifest is None:  # from DVC, or only the hosts have it: the registry gets the version tag first
+        manifest = push_and_verify(clients[0], registry, tag, dvc_gguf_digest)
     else:
         for blob in manifest.blobs:
             registry.check_blob(blob, download=False)

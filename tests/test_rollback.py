@@ -131,6 +131,23 @@ def test_rollback_rebuilds_from_registry_blobs_on_a_host_without_the_tag(stack, 
     assert record["hosts"][0]["path"] == "from the registry's blobs"
 
 
+def test_rollback_to_a_tag_only_the_host_has_pushes_it_before_repointing_latest(stack, deployed, records):
+    """The registry lost the tag (or never got it): the host's copy is pushed, verified, then made latest."""
+    name = f"{stack.registry_proxy.address}/{REPO}"
+    copied = requests.post(
+        f"http://{stack.ollama.address}/api/copy", json={"source": f"{name}:{SHA2}", "destination": f"{name}:host-only"}
+    )
+    assert copied.ok and "host-only" not in registry_tags(stack, REPO)
+
+    record = rollback("host-only", settings_for(stack, records), records.parent / "work-host-only")
+
+    digest, _ = registry_manifest(stack, REPO, "host-only")
+    assert digest == deployed[SHA2] == record["manifest_digest"]  # same model, same manifest
+    assert registry_manifest(stack, REPO, "latest")[0] == digest
+    assert stack.registry_proxy.count("POST", "/blobs/uploads/") == 0  # its blobs were all there
+    assert record["hosts"][0]["path"] == "host has the tag: copy"
+
+
 def git(repo: Path, *args: str) -> None:
     subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True)
 
