@@ -16,6 +16,7 @@ from typing import Any, Literal
 import yaml
 
 from pipeline.common import PipelineError
+from pipeline.model_names import PARTS, name_part_error
 
 DEFAULT_PARAMS = Path("params.yaml")
 
@@ -155,6 +156,35 @@ class GateParams:
     ship: str = "auto"
 
 
+def _name_part(kind: str) -> dict:
+    return {**_check(lambda v: name_part_error(kind, v) is None, f"must be {PARTS[kind][1]}"), "check_strings": True}
+
+
+@dataclass(frozen=True)
+class DeployParams:
+    """python -m pipeline.deploy / pipeline.rollback: where models go. Environment and flags override."""
+
+    # Docker registry (distribution's registry:2) as host:port; DEPLOY_REGISTRY overrides, --registry both.
+    registry: str = field(default="registry.local:5000", metadata=_name_part("registry"))
+    # true: the registry speaks plain HTTP (Ollama's push --insecure); false: HTTPS that Ollama's host trusts.
+    insecure: bool = True
+    # Repository <namespace>/<model>, lower case: registries answer 404 to upper case.
+    namespace: str = field(default="llm-gitops", metadata=_name_part("namespace"))
+    model: str = field(default="opl-assistant", metadata=_name_part("model"))
+    # Ollama servers that serve the model (the rig, the workstation); OLLAMA_HOST (comma-separated) overrides.
+    hosts: list[str] = field(
+        default_factory=lambda: ["http://127.0.0.1:11434"],
+        metadata=_check(lambda v: len(v) > 0, "must list at least one Ollama host"),
+    )
+    # Transient failures (unreachable, 5xx, a cut stream) are retried this many times, after backoff_s, 2x, 4x...
+    retries: int = field(default=3, metadata=NON_NEGATIVE)
+    backoff_s: float = field(default=2.0, metadata=NON_NEGATIVE)
+    # Longest silence on one HTTP connection (a model load; long uploads stream progress inside it).
+    timeout_s: float = field(default=600.0, metadata=POSITIVE)
+    # Deployment records (JSON Lines) appended by deploy and rollback; outside DVC, CI keeps it as an artifact.
+    records: str = "deployments/records.jsonl"
+
+
 @dataclass(frozen=True)
 class ModelfileParams:
     # SYSTEM: Ollama's chat puts it first in a conversation that has no system message of its own;
@@ -179,6 +209,7 @@ class Params:
     quantize: QuantizeParams = field(default_factory=QuantizeParams)
     gate: GateParams = field(default_factory=GateParams)
     modelfile: ModelfileParams = field(default_factory=ModelfileParams)
+    deploy: DeployParams = field(default_factory=DeployParams)
 
 
 def _key_lines(node: yaml.Node, prefix: str = "") -> dict[str, int]:
@@ -254,7 +285,8 @@ def _build(cls: type, raw: Any, prefix: str, errors: list[tuple[str, str]]) -> A
             errors.append((key, f"expected {_describe(tp)}, got {value!r}{hint}"))
             continue
         check = spec.metadata.get("check")
-        if check and not isinstance(value, str) and not check[0](value):
+        checked = not isinstance(value, str) or spec.metadata.get("check_strings", False)
+        if check and checked and not check[0](value):
             errors.append((key, f"{check[1]}, got {value!r}"))
             continue
         values[name] = float(value) if tp is float else value

@@ -40,7 +40,8 @@ def test_an_empty_file_means_all_defaults():
         ),
         (
             "trian:\n  seed: 1\n",
-            "params.yaml:1: trian: unknown key (known: data, base, train, merge, convert, quantize, gate, modelfile)",
+            "params.yaml:1: trian: unknown key "
+            "(known: data, base, train, merge, convert, quantize, gate, modelfile, deploy)",
         ),
         ("train:\n  epochs: three\n", "params.yaml:2: train.epochs: expected an integer, got 'three'"),
         ("train:\n  qlora: 1\n", "params.yaml:2: train.qlora: expected true or false, got 1"),
