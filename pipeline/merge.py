@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pipeline.common import PipelineError, atomic_directory, get_logger, read_jsonl, run_cli, write_json_atomic
 from pipeline.params import MergeParams, load_params
-from pipeline.vocab import check_vocab_consistency, resize_embeddings
+from pipeline.vocab import check_vocab_consistency, resize_embeddings, save_tokenizer
 
 PARAMS = ("merge",)
 PROBE_SIZE = 8
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     merged, tokenizer, report = merge(args.base, args.adapter, conversations, params)
     with atomic_directory(args.out) as tmp:
         merged.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        save_tokenizer(tokenizer, tmp)
         if (args.adapter / "tokenizer.model").is_file():
             shutil.copyfile(args.adapter / "tokenizer.model", tmp / "tokenizer.model")
     write_json_atomic(args.metrics, report)

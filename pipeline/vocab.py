@@ -59,3 +59,19 @@ def check_vocab_consistency(model, tokenizer, where: str) -> int:
         detail = ", ".join(f"{name} = {size}" for name, size in sizes.items())
         raise PipelineError(f"{where}: vocabulary sizes disagree: {detail}")
     return len(tokenizer)
+
+
+def save_tokenizer(tokenizer, out) -> None:
+    """save_pretrained, keeping a SentencePiece tokenizer's `legacy` flag: transformers does not write
+    it, and a reload without it tokenizes text after special tokens differently (no "▁" after `</s>`)
+    from the tokenizer that trained the model and from llama.cpp."""
+    import json
+    from pathlib import Path
+
+    tokenizer.save_pretrained(out)
+    legacy = getattr(tokenizer, "legacy", None)
+    config_path = Path(out) / "tokenizer_config.json"
+    if legacy is not None and config_path.is_file():
+        config = json.loads(config_path.read_text())
+        if config.get("legacy") != legacy:
+            config_path.write_text(json.dumps({**config, "legacy": legacy}, indent=2, ensure_ascii=False) + "\n")
