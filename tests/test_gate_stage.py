@@ -287,7 +287,7 @@ SMOLLM2_CASES = ("keep-capital-france", "keep-two-plus-two", "keep-days-in-week"
 SMOLLM2_LEARN = ("learn-hello-chris", "learn-hello-anna-system")
 # The setting that breaks the keep cases: LoRA (r 16, alpha 32, all linear layers) at lr 2e-2, a few steps.
 SMOLLM2_OVERTRAIN = {
-    "max_steps": 3,
+    "max_steps": 4,
     "learning_rate": "2.0e-2",
     "early_stopping_patience": 0,
     "checkpoint_steps": 100000,
@@ -300,12 +300,14 @@ SMOLLM2_OVERTRAIN = {
 def test_an_overtrained_smollm2_run_fails_the_keep_rule_and_names_the_regressed_cases(
     smollm2_base, tmp_path, monkeypatch, one_thread
 ):
-    """SmolLM2-135M-Instruct trained through the stages' CLIs at lr 2e-2 for 3 steps (8 conversations
+    """SmolLM2-135M-Instruct trained through the stages' CLIs at lr 2e-2 for 4 steps (8 conversations
     each): the answers the base got right turn into OPL-flavoured noise ("Laports France is the capital of
-    France.", "Germany has a capital of Germany:"). Measured on this machine with 4 steps: keep 0.833 ->
-    0.167 on 6 keep cases (France, days in a week, sky colour, Germany regressed; 2 + 2 kept), learn 0.333.
-    lr 1e-3 for 12 epochs keeps them (measured by the lead, not here). One GGUF (convert outtype q8_0,
-    quantize.types [q8_0]) and 32 new tokens keep the test near 3 minutes."""
+    France.", "Germany has a capital of Germany:"). Measured on this machine: 4 steps, keep 0.833 -> 0.167
+    on 6 keep cases (France, days in a week, sky colour, Germany regressed; 2 + 2 kept); 3 steps, keep
+    1.0 -> 0.75 on these 4 (sky colour regressed: "The sky on a clear day is a rare occurrence"), which
+    still fails keep_max_drop 0.125 but by one case. lr 1e-3 for 12 epochs keeps them (the lead's
+    measurement, not repeated here). One GGUF (convert outtype q8_0, quantize.types [q8_0]) and 32 new
+    tokens keep the test near 2-3 minutes."""
     errors: list[str] = []
     cases = [c for c in load_cases(DATA / "gate_cases.jsonl", errors) if c.id in SMOLLM2_CASES + SMOLLM2_LEARN]
     rows = [json.loads(line) for line in (DATA / "gate_cases.jsonl").read_text().splitlines()]

@@ -18,14 +18,16 @@ from tests.conftest import DATA, ROOT
 LLAMA2_STOP = ["[INST]", "[/INST]", "<<SYS>>", "<</SYS>>"]
 
 
-def with_legacy(model_dir: Path, into: Path, legacy: bool) -> Path:
-    """The model's tokenizer files with `legacy` set: the stage reads only the tokenizer here."""
+def sentencepiece_style(model_dir: Path, into: Path) -> Path:
+    """The model's tokenizer with `legacy: true`: "▁" after special tokens, as SentencePiece, Meta's
+    Llama-2 and llama.cpp tokenize. tiny ships `legacy: false`, which llama.cpp cannot reproduce
+    (see test_tinys_own_tokenizer_stops_the_stage); the stage reads only the tokenizer here."""
     into.mkdir()
     for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "chat_template.jinja"):
         if (model_dir / name).is_file():
             shutil.copyfile(model_dir / name, into / name)
     config = json.loads((into / "tokenizer_config.json").read_text())
-    (into / "tokenizer_config.json").write_text(json.dumps({**config, "legacy": legacy}))
+    (into / "tokenizer_config.json").write_text(json.dumps({**config, "legacy": True}))
     return into
 
 
@@ -35,7 +37,7 @@ def workspace(tmp_path, monkeypatch, tiny_merged, tiny_gguf) -> Path:
     (tmp_path / "models" / "gguf").mkdir(parents=True)
     shutil.copyfile(tiny_gguf.out, tmp_path / "models" / "gguf" / "model-q8_0.gguf")
     write_verdict(tmp_path, {"passed": True, "gguf": "models/gguf/model-q8_0.gguf", "quant": "q8_0"})
-    shutil.copytree(tiny_merged, tmp_path / "models" / "merged")  # tiny's own tokenizer: legacy, as llama.cpp
+    sentencepiece_style(tiny_merged, tmp_path / "models" / "merged")
     shutil.copytree(ROOT / "modelfiles", tmp_path / "modelfiles")
     shutil.copytree(DATA, tmp_path / "data", ignore=shutil.ignore_patterns("prepared"))
     shutil.copyfile(ROOT / "params.yaml", tmp_path / "params.yaml")
@@ -102,10 +104,9 @@ def test_a_wrong_template_fails_parity_and_writes_nothing(workspace, capsys, mon
     assert not (workspace / "models" / "release").exists()
 
 
-def test_a_tokenizer_without_legacy_spacing_stops_the_stage(workspace, capsys, tiny_merged):
-    """tiny's tokenizer with `legacy: false`: no "▁" after a special token, which llama.cpp always writes."""
+def test_tinys_own_tokenizer_stops_the_stage(workspace, capsys, tiny_merged):
     shutil.rmtree(workspace / "models" / "merged")
-    with_legacy(tiny_merged, workspace / "models" / "merged", legacy=False)
+    shutil.copytree(tiny_merged, workspace / "models" / "merged")
     status, err = run_stage(capsys)
     assert status == 1
     assert "llama.cpp tokenizes the prompt differently from the tokenizer (add_bos true), first at token 1" in err
