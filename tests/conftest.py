@@ -162,8 +162,10 @@ def save_merged_like(model, tokenizer, source: Path, out: Path) -> Path:
 
     import torch
 
+    from pipeline.vocab import save_tokenizer
+
     model.to(torch.float16).save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    save_tokenizer(tokenizer, out)
     if (source / "tokenizer.model").is_file():
         shutil.copyfile(source / "tokenizer.model", out / "tokenizer.model")
     return out

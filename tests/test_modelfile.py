@@ -18,16 +18,16 @@ from tests.conftest import DATA, ROOT
 LLAMA2_STOP = ["[INST]", "[/INST]", "<<SYS>>", "<</SYS>>"]
 
 
-def sentencepiece_style(model_dir: Path, into: Path) -> Path:
-    """The model's tokenizer with `legacy: true`: "▁" after special tokens, as SentencePiece, Meta's
-    Llama-2 and llama.cpp tokenize. tiny ships `legacy: false`, which llama.cpp cannot reproduce
-    (see test_tinys_own_tokenizer_stops_the_stage); the stage reads only the tokenizer here."""
+def tokenizer_copy(model_dir: Path, into: Path, legacy: bool) -> Path:
+    """The model's tokenizer (all the stage reads) with the SentencePiece `legacy` flag set. tiny
+    ships `legacy: true`: "▁" after special tokens, as SentencePiece, Meta's Llama-2 and llama.cpp
+    tokenize; `legacy: false` is what llama.cpp cannot reproduce."""
     into.mkdir()
     for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "chat_template.jinja"):
         if (model_dir / name).is_file():
             shutil.copyfile(model_dir / name, into / name)
     config = json.loads((into / "tokenizer_config.json").read_text())
-    (into / "tokenizer_config.json").write_text(json.dumps({**config, "legacy": True}))
+    (into / "tokenizer_config.json").write_text(json.dumps({**config, "legacy": legacy}))
     return into
 
 
@@ -37,7 +37,7 @@ def workspace(tmp_path, monkeypatch, tiny_merged, tiny_gguf) -> Path:
     (tmp_path / "models" / "gguf").mkdir(parents=True)
     shutil.copyfile(tiny_gguf.out, tmp_path / "models" / "gguf" / "model-q8_0.gguf")
     write_verdict(tmp_path, {"passed": True, "gguf": "models/gguf/model-q8_0.gguf", "quant": "q8_0"})
-    sentencepiece_style(tiny_merged, tmp_path / "models" / "merged")
+    shutil.copytree(tiny_merged, tmp_path / "models" / "merged")
     shutil.copytree(ROOT / "modelfiles", tmp_path / "modelfiles")
     shutil.copytree(DATA, tmp_path / "data", ignore=shutil.ignore_patterns("prepared"))
     shutil.copyfile(ROOT / "params.yaml", tmp_path / "params.yaml")
@@ -104,9 +104,9 @@ def test_a_wrong_template_fails_parity_and_writes_nothing(workspace, capsys, mon
     assert not (workspace / "models" / "release").exists()
 
 
-def test_tinys_own_tokenizer_stops_the_stage(workspace, capsys, tiny_merged):
+def test_a_tokenizer_llama_cpp_cannot_reproduce_stops_the_stage(workspace, capsys, tiny_merged):
     shutil.rmtree(workspace / "models" / "merged")
-    shutil.copytree(tiny_merged, workspace / "models" / "merged")
+    tokenizer_copy(tiny_merged, workspace / "models" / "merged", legacy=False)
     status, err = run_stage(capsys)
     assert status == 1
     assert "llama.cpp tokenizes the prompt differently from the tokenizer (add_bos true), first at token 1" in err
