@@ -119,15 +119,15 @@ def llama3_model(smollm2_tokenizer, tmp_path_factory, monkeypatch_module) -> tup
 
 
 @pytest.fixture(scope="module")
-def meta_style_tiny(tiny_merged):
-    """tiny's tokenizer with Metaspace prepend_scheme "always": "▁" after every special token, as
-    SentencePiece itself, Meta's Llama-2 tokenizer.json and llama.cpp tokenize (tiny's own uses
-    "first", legacy=False; see test_tinys_own_tokenizer_...)."""
+def first_style_tiny(tiny_merged):
+    """tiny's tokenizer with Metaspace prepend_scheme "first" (what legacy=False gives): no "▁" after
+    a special token, unlike SentencePiece itself, Meta's Llama-2 tokenizer.json, llama.cpp and tiny's
+    own tokenizer (legacy=True)."""
     from tokenizers import pre_tokenizers
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_merged)
-    tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="always", split=False)
+    tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first", split=False)
     return tokenizer
 
 
@@ -309,19 +309,19 @@ def test_llama3_token_ids_match_llama_cpp_with_bos_added_by_llama_cpp(llama3_mod
     check_parity(tokenizer, family("llama3"), conversations, MODELFILE_SYSTEM, gguf)
 
 
-def test_llama2_token_ids_match_llama_cpp_with_a_sentencepiece_style_tokenizer(
-    meta_style_tiny, tiny_gguf, conversations
-):
-    check_parity(meta_style_tiny, family("llama2"), conversations, None, tiny_gguf.out)
-
-
-def test_tinys_own_tokenizer_differs_from_llama_cpp_after_special_tokens_and_parity_says_where(
+def test_llama2_token_ids_match_llama_cpp_with_tinys_sentencepiece_style_tokenizer(
     tiny_merged, tiny_gguf, conversations
 ):
     from transformers import AutoTokenizer
 
+    check_parity(AutoTokenizer.from_pretrained(tiny_merged), family("llama2"), conversations, None, tiny_gguf.out)
+
+
+def test_a_tokenizer_without_a_space_after_special_tokens_differs_from_llama_cpp_and_parity_says_where(
+    first_style_tiny, tiny_gguf, conversations
+):
     with pytest.raises(PipelineError) as error:
-        check_parity(AutoTokenizer.from_pretrained(tiny_merged), family("llama2"), conversations, None, tiny_gguf.out)
+        check_parity(first_style_tiny, family("llama2"), conversations, None, tiny_gguf.out)
     assert str(error.value) == (
         "conversation 0 (1 messages, last 'Write a Hello Chris program in Psion OPL.'): llama.cpp tokenizes the "
         "prompt differently from the tokenizer (add_bos true), first at token 1:\n"
@@ -344,10 +344,12 @@ def test_a_wrong_template_fails_parity_showing_the_first_difference(smollm2_toke
     )
 
 
-def test_a_template_that_writes_the_bos_itself_is_refused(meta_style_tiny, tiny_gguf, conversations):
+def test_a_template_that_writes_the_bos_itself_is_refused(tiny_merged, tiny_gguf, conversations):
+    from transformers import AutoTokenizer
+
     doubled = ChatFamily("llama2-with-bos", "<s>" + LLAMA2_TEMPLATE, family("llama2").stop)
     with pytest.raises(PipelineError, match=r"TEMPLATE starts with the BOS text '<s>'; llama.cpp adds BOS itself"):
-        check_parity(meta_style_tiny, doubled, conversations, None, tiny_gguf.out)
+        check_parity(AutoTokenizer.from_pretrained(tiny_merged), doubled, conversations, None, tiny_gguf.out)
 
 
 def test_a_conversation_the_chat_template_refuses_is_a_clear_error(tiny_tokenizer):
