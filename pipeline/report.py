@@ -78,19 +78,37 @@ def stale_stages(cwd: Path) -> list[str]:
         status = None
     if result.returncode != 0 or not isinstance(status, dict):
         raise PipelineError(f"dvc status failed: {(result.stderr or result.stdout).strip()[-500:]}")
-    return [stage for stage, changes in status.items() if any(map(is_input_change, changes))]
+    missing = missing_outputs(cwd)
+    return [stage for stage, changes in status.items() if any(is_input_change(c, missing) for c in changes)]
 
 
-def is_input_change(change: str | dict) -> bool:
+def missing_outputs(cwd: Path) -> list[str]:
+    """Outputs dvc.lock records that are not in the workspace (a fresh clone has none of the cached ones)."""
+    import yaml
+
+    lock_path = cwd / "dvc.lock"
+    lock = yaml.safe_load(lock_path.read_text()) if lock_path.is_file() else None
+    stages = (lock or {}).get("stages", {})
+    paths = [out["path"] for stage in stages.values() for out in stage.get("outs", [])]
+    return [path for path in paths if not (cwd / path).exists()]
+
+
+def is_input_change(change: str | dict, missing: list[str] = ()) -> bool:
     """One entry of `dvc status --json`: "always changed", {"changed deps": {path: "modified"|"deleted"|
-    {param: ...}}}, {"changed outs": ...}, {"changed command": ...}; only lost outputs are not a change."""
+    {param: ...}}}, {"changed outs": ...}, {"changed command": ...}; only lost outputs are not a change.
+    A directory dependency that holds upstream outputs (the gate reads models/gguf/) reads "modified"
+    when those outputs are missing but the directory is not (its .gitignore is in git): not a change."""
     if not isinstance(change, dict):
         return True
     for kind, detail in change.items():
         if kind == "changed outs":
             continue
-        if kind != "changed deps" or any(state != "deleted" for state in detail.values()):
+        if kind != "changed deps":
             return True
+        for path, state in detail.items():
+            holds_missing = state == "modified" and any(m.startswith(path.rstrip("/") + "/") for m in missing)
+            if state != "deleted" and not holds_missing:
+                return True
     return False
 
 
@@ -309,9 +327,20 @@ def retrain_section(cwd: Path) -> list[str]:
     return lines
 
 
+def written_in_this_pipeline(cwd: Path, path: Path) -> bool:
+    """The file exists and is not the version git has at HEAD: the committed gate files describe the
+    model of the commit the MR starts from, not a candidate."""
+    if not (cwd / path).is_file():
+        return False
+    tracked = subprocess.run(["git", "ls-files", "--error-unmatch", str(path)], cwd=cwd, capture_output=True)
+    if tracked.returncode:
+        return True
+    return subprocess.run(["git", "diff", "--quiet", "HEAD", "--", str(path)], cwd=cwd).returncode != 0
+
+
 def gate_section(cwd: Path) -> list[str]:
     table, metrics = cwd / GATE_REPORT, cwd / GATE_METRICS
-    if not table.is_file() and not metrics.is_file():
+    if not (written_in_this_pipeline(cwd, GATE_REPORT) or written_in_this_pipeline(cwd, GATE_METRICS)):
         return [
             "## Gate",
             "",

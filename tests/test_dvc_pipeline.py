@@ -24,7 +24,7 @@ def clone(tmp_path_factory) -> Path:
     from bench.pipeline import copy_repository
 
     work = tmp_path_factory.mktemp("clone")
-    copy_repository("tiny", work)  # the committed dvc.lock (for smollm2) is left out
+    copy_repository("tiny", work)  # the committed dvc.lock (for smollm2) is left out; the gate's thresholds opened
     return work
 
 
@@ -52,13 +52,24 @@ def test_dvc_repro_converts_and_quantizes_once_per_type(clone, first_repro):
     assert json.loads((clone / "metrics" / "quantize" / "q4_k_m.json").read_text())["fallbacks"] == {}
 
 
+def test_dvc_repro_gates_and_writes_the_modelfile_next_to_the_gguf_it_passed(clone, first_repro):
+    for stage in ("gate", "modelfile"):
+        assert f"Running stage '{stage}'" in first_repro
+    verdict = json.loads((clone / "models" / "gate" / "verdict.json").read_text())
+    assert verdict["passed"] is True and verdict["family"] == "llama2"
+    assert verdict["quant"] == "q4_k_m"  # gate.ship auto: the smallest GGUF that passes
+    assert json.loads((clone / "metrics" / "gate.json").read_text())["ship"] == "q4_k_m"
+    modelfile = (clone / "models" / "release" / "Modelfile").read_text()
+    assert "FROM ../gguf/model-q4_k_m.gguf\n" in modelfile and "PARAMETER stop [INST]" in modelfile
+
+
 def test_a_second_repro_reruns_nothing(clone, first_repro):
     second = run(["dvc", "repro"], clone)
     assert "Running stage" not in second
     assert "Data and pipelines are up to date." in run(["dvc", "status"], clone)
 
 
-def test_editing_only_the_evaluation_cases_does_not_retrain(clone, first_repro):
+def test_editing_only_the_evaluation_cases_rescores_without_retraining(clone, first_repro):
     cases = clone / "data" / "gate_cases.jsonl"
     extra = {
         "id": "keep-capital-spain",
@@ -68,16 +79,18 @@ def test_editing_only_the_evaluation_cases_does_not_retrain(clone, first_repro):
     }
     cases.write_text(cases.read_text() + json.dumps(extra) + "\n")
     output = run(["dvc", "repro"], clone)
-    assert "Running stage 'prepare'" in output  # the cases are validated again ...
-    for stage in ("base", "train", "merge"):  # ... but the prepared data did not change
+    for stage in ("prepare", "gate", "modelfile"):  # the cases are validated again and scored ...
+        assert f"Running stage '{stage}'" in output
+    for stage in ("base", "train", "merge", "convert"):  # ... but the prepared data did not change
         assert f"Running stage '{stage}'" not in output
+    assert len(json.loads((clone / "models" / "gate" / "verdict.json").read_text())["cases"]) == 17
     assert json.loads((clone / "metrics" / "data.json").read_text())["cases"]["keep"] == 9
 
 
 def test_metrics_and_loss_plots_are_visible_to_dvc(clone, first_repro):
     shown = json.loads(run(["dvc", "metrics", "show", "--json"], clone, stdout_only=True))
     files = next(iter(shown.values()))["data"]
-    assert {"metrics/data.json", "metrics/train.json", "metrics/merge.json"} <= set(files)
+    assert {"metrics/data.json", "metrics/train.json", "metrics/merge.json", "metrics/gate.json"} <= set(files)
     plots = run(["dvc", "plots", "show", "--json"], clone, stdout_only=True)
     loss = json.loads(plots)["data"]["Loss"]
     assert loss and "plots/train/loss.tsv" in plots and "plots/eval/loss.tsv" in plots
