@@ -13,7 +13,7 @@ os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
 from pipeline.dataset import corpus_texts
 from pipeline.params import BaseParams, Params, load_params
-from tests.servers import ollama_binary, registry_binary, stack, tiny_versions  # noqa: F401  (deploy tests)
+from tests.servers import ollama_binary, records, registry_binary, releases, stack, tiny_versions  # noqa: F401  (deploy tests)
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "data"

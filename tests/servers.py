@@ -556,3 +556,18 @@ def tiny_versions(tiny_merged, tmp_path_factory) -> dict[str, TinyModel]:
         convert(tiny_merged, gguf, ConvertParams(outtype=outtype))
         versions[version] = TinyModel(gguf, gate_answers(gguf), outtype.upper())
     return versions
+
+
+@pytest.fixture(scope="module")
+def releases(tiny_versions, tmp_path_factory) -> dict:
+    """Each tiny version as a release (Modelfile, gate verdict, cases), per test module."""
+    root = tmp_path_factory.mktemp("releases")
+    return {
+        version: write_release(root / version, model.gguf, model.answers) for version, model in tiny_versions.items()
+    }
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory) -> Path:
+    """A fresh deployment-records file per test module."""
+    return tmp_path_factory.mktemp("records") / "records.jsonl"

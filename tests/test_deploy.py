@@ -73,19 +73,6 @@ def no_faults(stack):
     stack.clear_faults()
 
 
-@pytest.fixture(scope="module")
-def releases(tiny_versions, tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("releases")
-    return {
-        version: write_release(root / version, model.gguf, model.answers) for version, model in tiny_versions.items()
-    }
-
-
-@pytest.fixture(scope="module")
-def records(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("records") / "records.jsonl"
-
-
 def load(files):
     return load_release(files.modelfile, files.verdict, files.cases)
 

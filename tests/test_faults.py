@@ -13,22 +13,11 @@ import requests
 from pipeline.common import PipelineError
 from pipeline.deploy import deploy, load_release
 from pipeline.params import GateParams
-from tests.servers import Fault, write_release
+from tests.servers import Fault
 from tests.test_deploy import ollama_models, registry_manifest, registry_tags, settings_for
 
 REPO = "tests/tiny"
 ATTEMPTS = "gave up after 3 attempts"  # settings_for: 2 retries
-
-
-@pytest.fixture(scope="module")
-def records(tmp_path_factory):
-    return tmp_path_factory.mktemp("records") / "records.jsonl"
-
-
-@pytest.fixture(scope="module")
-def releases(tiny_versions, tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("releases")
-    return {version: write_release(root / version, m.gguf, m.answers) for version, m in tiny_versions.items()}
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from pipeline.deploy import deploy, load_release
 from pipeline.params import GateParams
 from pipeline.rollback import rollback
 from tests.conftest import ROOT
-from tests.servers import OllamaServer, write_release
+from tests.servers import OllamaServer
 from tests.test_deploy import ollama_models, registry_manifest, registry_tags, settings_for
 
 SHA1, SHA2, DVC_TAG = "aaaa111", "bbbb222", "model-v9"
@@ -30,17 +30,6 @@ REPO = "tests/tiny"
 def no_faults(stack):
     stack.ensure_running()
     stack.clear_faults()
-
-
-@pytest.fixture(scope="module")
-def records(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("records") / "records.jsonl"
-
-
-@pytest.fixture(scope="module")
-def releases(tiny_versions, tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("releases")
-    return {version: write_release(root / version, m.gguf, m.answers) for version, m in tiny_versions.items()}
 
 
 @pytest.fixture(scope="module")
