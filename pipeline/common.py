@@ -98,3 +98,11 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def file_sha256_hex(path: str | Path) -> str:
+    """The sha256 of a file, hex, read in blocks (GGUFs are large)."""
+    import hashlib
+
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()

@@ -18,7 +18,6 @@ command requires to say passed. A failed gate writes all three, then exits 1 wit
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,7 +25,14 @@ from pathlib import Path
 from statistics import mean
 
 from pipeline.cases import Case, load_cases
-from pipeline.common import PipelineError, get_logger, run_cli, write_json_atomic, write_text_atomic
+from pipeline.common import (
+    PipelineError,
+    file_sha256_hex,
+    get_logger,
+    run_cli,
+    write_json_atomic,
+    write_text_atomic,
+)
 from pipeline.params import GateParams, load_params
 
 VERDICT = Path("models/gate/verdict.json")
@@ -146,7 +152,7 @@ def gguf_answers(
     Modelfile ships (pipeline.ollama_template), BOS as the GGUF says, generation cut at its stops."""
     import llama_cpp
 
-    from pipeline.ollama_template import render_prompt
+    from pipeline.ollama_template import gguf_adds_bos, render_prompt
     from pipeline.quantize import llama_log
 
     with llama_log() as lines:
@@ -154,7 +160,7 @@ def gguf_answers(
             llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=gate.n_ctx, seed=gate.seed, verbose=False)
         except ValueError as error:
             raise PipelineError(f"{gguf}: llama.cpp cannot load it ({error}): {''.join(lines)[-500:]}") from None
-    add_bos = bool(llama_cpp.llama_vocab_get_add_bos(llama_cpp.llama_model_get_vocab(llm.model)))
+    add_bos = gguf_adds_bos(llm)
     answers = []
     try:
         for case in cases:
@@ -196,14 +202,6 @@ def score(name: str, cases: list[Case], answers: list[str]) -> Scored:
         scores={case_id: round(result.score, 4) for case_id, result in results.items()},
         forbidden={case_id: result.forbidden for case_id, result in results.items() if result.forbidden},
     )
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def choose(variants: dict[str, list[str]], sizes: dict[str, int], ship: str) -> tuple[str | None, list[str]]:
@@ -316,7 +314,7 @@ def run_gate(
         "reasons": reasons,
         "quant": judged,
         "gguf": str(ggufs[judged]),
-        "gguf_sha256": sha256_of(ggufs[judged]),
+        "gguf_sha256": file_sha256_hex(ggufs[judged]),
         "family": family.name,
         "system": system,
         "options": sampling_options(gate),

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import time
@@ -23,7 +22,7 @@ from urllib.parse import urlsplit
 
 import requests
 
-from pipeline.common import PipelineError, get_logger
+from pipeline.common import PipelineError, file_sha256_hex, get_logger
 from pipeline.http_retry import RetryPolicy, TransientError, check_status, error_text
 
 log = get_logger("deploy")
@@ -52,11 +51,8 @@ def parse_version(text: str) -> tuple[int, int, int] | None:
 
 
 def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return "sha256:" + digest.hexdigest()
+    """A file's digest as Ollama and the registry name blobs: sha256:<hex>."""
+    return "sha256:" + file_sha256_hex(path)
 
 
 @dataclass(frozen=True)

@@ -509,6 +509,13 @@ def _tokenizer_adds_bos(tokenizer) -> bool:
     return tokenizer.bos_token_id is not None and bool(ids) and ids[0] == tokenizer.bos_token_id
 
 
+def gguf_adds_bos(llama) -> bool:
+    """Whether llama.cpp adds BOS to a prompt of this loaded GGUF (its tokenizer.ggml.add_bos_token)."""
+    import llama_cpp
+
+    return bool(llama_cpp.llama_vocab_get_add_bos(llama_cpp.llama_model_get_vocab(llama.model)))
+
+
 class _LlamaVocab:
     """llama.cpp's tokenizer of a GGUF (vocabulary only, no weights)."""
 
@@ -524,7 +531,7 @@ class _LlamaVocab:
                 self.llama = llama_cpp.Llama(model_path=str(gguf), vocab_only=True, verbose=False)
             except ValueError as error:
                 raise PipelineError(f"{gguf}: llama.cpp cannot load it ({error}): {''.join(log)[-500:]}") from None
-        self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(llama_cpp.llama_model_get_vocab(self.llama.model)))
+        self.add_bos = gguf_adds_bos(self.llama)
 
     def tokenize(self, text: str) -> list[int]:
         return self.llama.tokenize(text.encode("utf-8"), add_bos=self.add_bos, special=True)
