@@ -40,12 +40,12 @@ from pipeline.deploy import (
     read_records,
     resolve_settings,
 )
-from pipeline.gate import VERDICT, load_verdict
 from pipeline.model_names import LATEST, check_version_tag
 from pipeline.modelfile_parser import load_modelfile
 from pipeline.ollama_client import OllamaClient, file_sha256
 from pipeline.params import load_params
 from pipeline.registry_client import MODEL_LAYER, Manifest, RegistryClient
+from pipeline.verdict import VERDICT, load_verdict
 
 log = get_logger("rollback")
 
