@@ -94,7 +94,7 @@ class HFModel:
     def nll(self, conversations: Sequence[Messages], references: Sequence[str], progress: Progress) -> list[float]:
         import torch
 
-        values = []
+        rows = []  # (prompt ids, reference ids)
         for messages, reference in zip(conversations, references, strict=True):
             prompt = self.prompt(messages)
             prompt_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
@@ -104,11 +104,24 @@ class HFModel:
                 full_ids,
                 lambda text=reference: self.tokenizer(text, add_special_tokens=False)["input_ids"],
             )
-            ids = torch.tensor([prompt_ids + targets])
+            rows.append((prompt_ids, targets))
+        values = []
+        for start in range(0, len(rows), HF_BATCH):
+            # right-padded batch: each row's positions are its own, the padding is masked and never scored
+            batch = rows[start : start + HF_BATCH]
+            width = max(len(p) + len(t) for p, t in batch)
+            ids = torch.full((len(batch), width), self.tokenizer.pad_token_id)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, (prompt_ids, targets) in enumerate(batch):
+                ids[row, : len(prompt_ids) + len(targets)] = torch.tensor(prompt_ids + targets)
+                mask[row, : len(prompt_ids) + len(targets)] = 1
             with torch.no_grad():
-                logits = self.model(input_ids=ids).logits[0, len(prompt_ids) - 1 : -1].float()
-            values.append(mean_nll(torch.log_softmax(logits, dim=-1), targets))
-            progress(1)
+                log_probs = torch.log_softmax(self.model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
+            for row, (prompt_ids, targets) in enumerate(batch):
+                values.append(
+                    mean_nll(log_probs[row, len(prompt_ids) - 1 : len(prompt_ids) + len(targets) - 1], targets)
+                )
+            progress(len(batch))
         return values
 
     def close(self) -> None:
