@@ -149,17 +149,11 @@ def gguf_answers(
     progress: Callable[[int], None],
 ) -> list[str]:  # fmt: skip
     """Greedy answers of a GGUF in llama.cpp, each prompt rendered from the Ollama TEMPLATE the
-    Modelfile ships (pipeline.ollama_template), BOS as the GGUF says, generation cut at its stops."""
-    import llama_cpp
+    Modelfile ships (pipeline.go_template), BOS as the GGUF says, generation cut at its stops."""
+    from pipeline.go_template import render_prompt
+    from pipeline.llama_runtime import gguf_adds_bos, load_gguf
 
-    from pipeline.ollama_template import gguf_adds_bos, render_prompt
-    from pipeline.quantize import llama_log
-
-    with llama_log() as lines:
-        try:
-            llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=gate.n_ctx, seed=gate.seed, verbose=False)
-        except ValueError as error:
-            raise PipelineError(f"{gguf}: llama.cpp cannot load it ({error}): {''.join(lines)[-500:]}") from None
+    llm = load_gguf(gguf, n_ctx=gate.n_ctx, seed=gate.seed)
     add_bos = gguf_adds_bos(llm)
     answers = []
     try:
