@@ -23,7 +23,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from pipeline.chat_templates import check_parity, training_template
+from pipeline.chat_templates import check_training_template, training_template
 from pipeline.common import (
     PipelineError,
     atomic_directory,
@@ -231,7 +231,7 @@ def build_trainer(
 
     shipped = tokenizer.chat_template
     training = training_template(tokenizer)
-    check_parity(tokenizer, training, [row["messages"] for row in train_rows + eval_rows])
+    check_training_template(tokenizer, training, [row["messages"] for row in train_rows + eval_rows])
     tokenizer.chat_template = training
 
     checkpointing = _checkpointing(train, device)
