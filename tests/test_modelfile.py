@@ -171,7 +171,11 @@ def test_dvc_yaml_declares_the_stage_with_its_code_inputs_and_params():
     assert sorted(stage["params"]) == sorted(modelfile.PARAMS)
     assert stage["deps"] == [
         "pipeline/modelfile.py",
+        "pipeline/cases.py",
+        "pipeline/dataset.py",
         "pipeline/ollama_template.py",
+        "pipeline/go_template.py",
+        "pipeline/llama_runtime.py",
         "pipeline/modelfile_parser.py",
         "modelfiles",
         "models/merged",
