@@ -27,7 +27,15 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 # tiny (a random 2-layer Llama) learns nothing the committed gate cases ask, so on tiny the gate only has
 # to run: its thresholds are opened. tests/test_gate_stage.py proves the gate's judgement itself.
-PLUMBING_GATE = {"learn_min_score": "0.0", "learn_min_gain": "0.0", "keep_max_drop": "1.0", "gguf_max_drop": "1.0"}
+PLUMBING_GATE = {
+    "learn_min_score": "0.0",
+    "learn_min_gain": "0.0",
+    "keep_max_drop": "1.0",
+    "gguf_max_drop": "1.0",
+    "learn_min_nll_drop": "0.0",
+    "keep_max_nll_rise": "100.0",
+    "max_forgetting": "100.0",
+}
 
 
 def copy_repository(model: str, into: Path) -> None:

@@ -12,6 +12,14 @@ One JSON object per line:
   forbid          keywords the answer must not contain (default none)
   regex           keywords are regular expressions (default false)
   case_sensitive  default false
+  reference       optional: an answer we would accept. The gate scores how likely each model finds it
+                  (mean negative log-likelihood per token, teacher-forced after the prompt): learn cases'
+                  must fall, keep cases' must not rise. Deterministic, so it does not flip with greedy noise.
+
+Keywords match as words: a keyword that starts (ends) with a letter or digit does not match where
+another letter or digit comes right before (after) it, so "7" does not match "17" or "7th" and "PROC"
+does not match "PROCESS"; "def " still matches "def reverse(". With `regex: true` the pattern is used
+as written (add \b yourself where you want a word boundary).
 """
 
 from __future__ import annotations
@@ -23,7 +31,23 @@ from pathlib import Path
 from pipeline.dataset import message_errors, read_jsonl_with_lines
 
 KINDS = ("learn", "keep")
-CASE_KEYS = ("id", "kind", "prompt", "system", "history", "expect", "match", "forbid", "regex", "case_sensitive")
+CASE_KEYS = (
+    "id", "kind", "prompt", "system", "history", "expect", "match", "forbid", "regex", "case_sensitive", "reference",
+)  # fmt: skip
+# Not glued to a letter or digit (\w less "_"): the edges of a keyword that starts/ends with one.
+_NOT_AFTER_ALNUM, _NOT_BEFORE_ALNUM = r"(?<![^\W_])", r"(?![^\W_])"
+
+
+def keyword_pattern(keyword: str, regex: bool) -> str:
+    """The regular expression a keyword is searched with: as written (regex) or as a whole word."""
+    if regex:
+        return keyword
+    pattern = re.escape(keyword)
+    if keyword[:1].isalnum():
+        pattern = _NOT_AFTER_ALNUM + pattern
+    if keyword[-1:].isalnum():
+        pattern += _NOT_BEFORE_ALNUM
+    return pattern
 
 
 @dataclass(frozen=True)
@@ -38,6 +62,7 @@ class Case:
     forbid: tuple[str, ...] = ()
     regex: bool = False
     case_sensitive: bool = False
+    reference: str | None = None
     line: int = field(default=0, compare=False)
 
     def messages(self) -> list[dict]:
@@ -47,8 +72,7 @@ class Case:
 
     def _found(self, keyword: str, answer: str) -> bool:
         flags = 0 if self.case_sensitive else re.IGNORECASE
-        pattern = keyword if self.regex else re.escape(keyword)
-        return re.search(pattern, answer, flags) is not None
+        return re.search(keyword_pattern(keyword, self.regex), answer, flags) is not None
 
     def score(self, answer: str) -> CaseScore:
         """How well `answer` meets this case: the share of expected keywords found ("all"), or 1/0
@@ -103,6 +127,8 @@ def case_errors(row: object) -> list[str]:
         errors.append(f"kind: expected 'learn' or 'keep', got {row.get('kind')!r}")
     if "system" in row and (not isinstance(row["system"], str) or not row["system"].strip()):
         errors.append("system: expected a non-empty string")
+    if "reference" in row and (not isinstance(row["reference"], str) or not row["reference"].strip()):
+        errors.append("reference: expected a non-empty string (an answer we would accept)")
     if "history" in row:
         history = row["history"]
         if (
@@ -150,6 +176,7 @@ def load_cases(path: Path, errors: list[str]) -> list[Case]:
                 forbid=tuple(row.get("forbid", ())),
                 regex=row.get("regex", False),
                 case_sensitive=row.get("case_sensitive", False),
+                reference=row.get("reference"),
                 line=number,
             )
         )

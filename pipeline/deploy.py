@@ -27,7 +27,6 @@ from pathlib import Path
 
 from pipeline.cases import Case, load_cases
 from pipeline.common import PipelineError, get_logger, run_cli
-from pipeline.gate import VERDICT, judge, load_verdict
 from pipeline.model_names import LATEST, check_version_tag
 from pipeline.modelfile_parser import Modelfile, load_modelfile
 from pipeline.ollama_client import OllamaClient, file_sha256
@@ -46,13 +45,11 @@ from pipeline.release import (
     push_and_verify,
     resolve_settings,
 )
+from pipeline.verdict import VERDICT, Verdict, judge_keywords, load_verdict
 
 log = get_logger("deploy")
 
 CASES = Path("data/gate_cases.jsonl")
-# Sampler settings where Ollama's defaults differ from llama.cpp's (the gate's): Ollama penalises repeats
-# (repeat_penalty 1.1) unless told otherwise, which changes greedy answers. The verdict's options win.
-SERVED_CHECK_DEFAULTS = {"repeat_penalty": 1.0}
 
 
 # --- what ships: the verdict, the Modelfile, its GGUF, the gate's cases ---
@@ -64,7 +61,7 @@ class Release:
     modelfile: Modelfile
     gguf: Path
     gguf_digest: str
-    verdict: dict
+    verdict: Verdict
     cases: dict[str, Case]
 
     def create_request(self) -> dict:
@@ -80,7 +77,7 @@ def load_release(modelfile_path: Path, verdict_path: Path, cases_path: Path) -> 
     if not gguf.is_file():
         raise PipelineError(f"{modelfile_path}: FROM {modelfile.from_}: no such GGUF next to the Modelfile")
     digest = file_sha256(gguf)
-    passed_digest = verdict.get("gguf_sha256")
+    passed_digest = verdict.gguf_sha256
     if passed_digest and "sha256:" + passed_digest.removeprefix("sha256:") != digest:
         raise PipelineError(
             f"{modelfile_path}: FROM {modelfile.from_} is {digest}, not the GGUF the gate passed "
@@ -90,7 +87,7 @@ def load_release(modelfile_path: Path, verdict_path: Path, cases_path: Path) -> 
     cases = {case.id: case for case in load_cases(cases_path, errors)}
     if errors:
         raise PipelineError("invalid gate cases:\n  " + "\n  ".join(errors))
-    unknown = [c.get("id") for c in verdict.get("cases", []) if c.get("id") not in cases]
+    unknown = [c.id for c in verdict.cases if c.id not in cases]
     if unknown:
         raise PipelineError(f"{verdict_path}: cases {unknown} are not in {cases_path}; rerun the gate")
     return Release(modelfile_path, modelfile, gguf, digest, verdict, cases)
@@ -99,40 +96,44 @@ def load_release(modelfile_path: Path, verdict_path: Path, cases_path: Path) -> 
 # --- the served check ---
 
 
-def served_options(verdict: dict, rules: GateParams) -> dict:
-    options = verdict.get("options") or {
+def served_options(verdict: Verdict, rules: GateParams) -> dict:
+    """The verdict's greedy options; a verdict without any (older) gets the gate's, with Ollama's
+    repeat_penalty 1.1 turned off: it changes greedy answers."""
+    return verdict.options or {
         "temperature": 0,
         "top_k": 1,
         "seed": rules.seed,
         "num_predict": rules.max_new_tokens,
+        "repeat_penalty": 1.0,
     }
-    return {**SERVED_CHECK_DEFAULTS, **options}
 
 
 def served_check(client: OllamaClient, name: str, release: Release, rules: GateParams) -> list[str]:
     """Send the gate's cases to `name` on this host and judge Ollama's answers as the gate judged llama.cpp's.
-    A PipelineError unless the verdict is the same (passed); returns the per-case score differences."""
-    verdict_cases = release.verdict.get("cases") or []
+    A PipelineError unless the verdict is the same (passed); returns the per-case score differences.
+    Ollama gives no likelihoods, so unstable cases (decided by likelihood in the gate) keep the gate's score."""
+    verdict_cases = release.verdict.cases
     if not verdict_cases:
         raise PipelineError("the gate verdict lists no cases: nothing to check the served model against")
     options = served_options(release.verdict, rules)
-    cases = [release.cases[c["id"]] for c in verdict_cases]
-    before = {c["id"]: float(c["before"]) for c in verdict_cases}
+    cases = [release.cases[c.id] for c in verdict_cases]
+    before = {c.id: c.before for c in verdict_cases}
     after: dict[str, float] = {}
     forbidden: dict[str, tuple[str, ...]] = {}
     differences = []
     for gate_case, case in zip(verdict_cases, cases, strict=True):
         answer = client.chat(name, case.messages(), options)
         score = case.score(answer)
-        after[case.id], forbidden[case.id] = score.score, score.forbidden
-        if abs(score.score - float(gate_case["after"])) > 1e-9:
+        after[case.id] = gate_case.decided if gate_case.unstable else score.score
+        forbidden[case.id] = score.forbidden
+        if abs(score.score - gate_case.after) > 1e-9:
             differences.append(
-                f"{case.id}: gate {gate_case['after']:.3f} ({gate_case.get('answer', '')[:60]!r}), "
+                f"{case.id}: gate {gate_case.after:.3f} ({gate_case.answer[:60]!r}), "
                 f"served {score.score:.3f} ({answer[:60]!r})"
             )
     # the gate also bounds what the GGUF may lose against the merged HF model: same rule, same scores
-    merged = {c["id"]: float(c["merged"]) for c in verdict_cases} if all("merged" in c for c in verdict_cases) else None
-    reasons = judge(cases, before, after, rules, forbidden, merged)
+    merged = {c.id: c.merged for c in verdict_cases}
+    reasons = judge_keywords(cases, before, after, rules, forbidden, merged)
     if reasons:
         raise PipelineError(
             f"served check on {client}: {name} fails the gate that the GGUF passed in llama.cpp, so Ollama does not "

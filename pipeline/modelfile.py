@@ -14,7 +14,6 @@ Modelfile's own directory, which is where `ollama create -f <Modelfile>` resolve
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from pathlib import Path
 from string import Template
@@ -25,26 +24,20 @@ from pipeline.common import PipelineError, get_logger, run_cli, write_text_atomi
 from pipeline.modelfile_parser import Modelfile, parse_modelfile, quote_value
 from pipeline.ollama_template import ChatFamily, check_parity, family_for
 from pipeline.params import ModelfileParams, load_params
+from pipeline.verdict import read_verdict
 
 PARAMS = ("modelfile",)
 
 log = get_logger("modelfile")
 
 
-def read_verdict(path: Path) -> Path:
-    """The GGUF the gate passed, from its verdict file ({"passed": true, "gguf": "<path>", ...})."""
-    try:
-        verdict = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as error:
-        raise PipelineError(f"{path}: cannot read the gate's verdict: {error.strerror}") from None
-    except json.JSONDecodeError as error:
-        raise PipelineError(f"{path}:{error.lineno}: invalid JSON: {error.msg}") from None
-    if not isinstance(verdict, dict) or not isinstance(verdict.get("passed"), bool):
-        raise PipelineError(f'{path}: passed: expected true or false (a verdict is {{"passed": ..., "gguf": ...}})')
-    if not isinstance(verdict.get("gguf"), str) or not verdict["gguf"]:
+def released_gguf(path: Path) -> Path:
+    """The GGUF the gate passed, from its verdict file (pipeline/verdict.py)."""
+    verdict = read_verdict(path)
+    if not verdict.gguf:
         raise PipelineError(f"{path}: gguf: expected the path of the GGUF the gate checked")
-    gguf = Path(verdict["gguf"])
-    if not verdict["passed"]:
+    gguf = Path(verdict.gguf)
+    if not verdict.passed:
         raise PipelineError(f"{path}: passed: false: the gate rejected {gguf}, so no Modelfile is released")
     if not gguf.is_file():
         raise PipelineError(f"{path}: gguf: {gguf} does not exist")
@@ -111,7 +104,7 @@ def build_modelfile(
     """The Modelfile text, the family it uses and the number of gate cases proven."""
     from transformers import AutoTokenizer
 
-    gguf = read_verdict(verdict)
+    gguf = released_gguf(verdict)
     tokenizer = AutoTokenizer.from_pretrained(model)
     family = family_for(tokenizer)
     errors: list[str] = []

@@ -49,6 +49,13 @@ class BaseParams:
 
 
 @dataclass(frozen=True)
+class BaseAnswersParams:
+    # Greedy answer length for the general prompts; replay answers not finished within it are dropped.
+    max_new_tokens: int = field(default=128, metadata=POSITIVE)
+    seed: int = 42
+
+
+@dataclass(frozen=True)
 class LoraParams:
     r: int = field(default=16, metadata=POSITIVE)
     alpha: int = field(default=32, metadata=POSITIVE)
@@ -59,9 +66,18 @@ class LoraParams:
 @dataclass(frozen=True)
 class TrainParams:
     seed: int = 42
+    # At most this many passes over the data.
     epochs: int = field(default=5, metadata=POSITIVE)
-    # > 0 caps the number of optimizer steps (overrides epochs); -1 = no cap.
+    # > 0: a budget of optimizer steps (still at most `epochs` epochs), so a small dataset gets more passes
+    # than a large one; -1 = exactly `epochs` epochs.
     max_steps: int = field(default=-1, metadata=_check(lambda v: v == -1 or v > 0, "must be -1 or > 0"))
+    # Replay: base_answers' conversations (the base's own answers to general prompts) mixed into training,
+    # as a share of the training conversations (0.5: one replayed per two of ours); 0 = none.
+    replay: float = field(default=0.0, metadata=NON_NEGATIVE)
+    # NEFTune: noise of this alpha added to the input embeddings while training; null = off.
+    neftune_alpha: float | None = field(
+        default=None, metadata=_check(lambda v: v is None or v > 0, "must be > 0 or null")
+    )
     batch_size: int = field(default=8, metadata=POSITIVE)
     grad_accum: int = field(default=1, metadata=POSITIVE)
     learning_rate: float = field(default=1e-3, metadata=_check(lambda v: 0 < v < 1, "must be in (0, 1)"))
@@ -155,6 +171,20 @@ class GateParams:
     keep_max_drop: float = field(default=0.125, metadata=UNIT)
     # a GGUF's mean score may fall below the merged HF model's by at most this (conversion/quantization loss).
     gguf_max_drop: float = field(default=0.125, metadata=UNIT)
+    # Reference likelihoods (nats per token, mean over the cases that have a `reference`):
+    # learn cases' must fall by at least this against the base...
+    learn_min_nll_drop: float = field(default=0.5, metadata=NON_NEGATIVE)
+    # ...keep cases' may rise by at most this...
+    keep_max_nll_rise: float = field(default=0.25, metadata=NON_NEGATIVE)
+    # ...and the base's own answers to the general probes (stage base_answers) by at most this: forgetting.
+    max_forgetting: float = field(default=0.25, metadata=NON_NEGATIVE)
+    # A case whose keyword score differs between the fine-tuned variants (merged, GGUFs) while their
+    # reference NLLs agree within this is unstable: greedy noise, not a different model.
+    unstable_nll_tolerance: float = field(default=0.1, metadata=NON_NEGATIVE)
+    # How an unstable case counts: likelihood = passed when its reference NLL meets the rule of its kind
+    # (learn: fell by learn_min_nll_drop; keep: rose at most keep_max_nll_rise); keywords = as answered;
+    # fail = 0 on every variant.
+    unstable: Literal["likelihood", "keywords", "fail"] = "likelihood"
     # which GGUF ships: auto = the smallest file that passes; or one of quantize.types / convert.outtype.
     ship: str = "auto"
 
@@ -206,6 +236,7 @@ class ModelfileParams:
 class Params:
     data: DataParams = field(default_factory=DataParams)
     base: BaseParams = field(default_factory=BaseParams)
+    base_answers: BaseAnswersParams = field(default_factory=BaseAnswersParams)
     train: TrainParams = field(default_factory=TrainParams)
     merge: MergeParams = field(default_factory=MergeParams)
     convert: ConvertParams = field(default_factory=ConvertParams)

@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.common import PipelineError, get_logger, run_cli
-from pipeline.gate import VERDICT, load_verdict
 from pipeline.model_names import LATEST, check_version_tag
 from pipeline.modelfile_parser import load_modelfile
 from pipeline.ollama_client import OllamaClient, file_sha256
@@ -50,6 +49,7 @@ from pipeline.release import (
     read_records,
     resolve_settings,
 )
+from pipeline.verdict import VERDICT, load_verdict
 
 log = get_logger("rollback")
 

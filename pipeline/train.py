@@ -217,6 +217,19 @@ class KeepBestAdapter:
                     parameter.copy_(self.snapshot[name])
 
 
+def replay_mix(replay_rows: list[dict], share: float, train_count: int) -> list[dict]:
+    """The replay conversations to add: `share` x the training conversations, in file order, at most all."""
+    return replay_rows[: min(len(replay_rows), round(share * train_count))]
+
+
+def step_budget(train: TrainParams, conversations: int) -> int:
+    """Optimizer steps to run: `max_steps` when set, but never more than `epochs` passes; -1 = `epochs`."""
+    if train.max_steps <= 0:
+        return -1
+    steps_per_epoch = math.ceil(math.ceil(conversations / train.batch_size) / train.grad_accum)
+    return min(train.max_steps, train.epochs * steps_per_epoch)
+
+
 def build_trainer(
     model_dir: Path,
     train_rows: list[dict],
@@ -257,7 +270,8 @@ def build_trainer(
         gradient_accumulation_steps=train.grad_accum,
         learning_rate=train.learning_rate,
         num_train_epochs=train.epochs,
-        max_steps=train.max_steps,
+        max_steps=step_budget(train, len(train_rows)),
+        neftune_noise_alpha=train.neftune_alpha,
         lr_scheduler_type=train.scheduler,
         warmup_steps=train.warmup_ratio,  # a float < 1 is a ratio of the total steps
         weight_decay=train.weight_decay,
@@ -306,12 +320,15 @@ def checkpoint_root() -> Path:
     return Path(os.environ.get(CHECKPOINTS_ENV) or DEFAULT_CHECKPOINTS)
 
 
-def inputs_fingerprint(base_dir: Path, data_dir: Path, train: TrainParams, data: DataParams) -> str:
+def inputs_fingerprint(
+    base_dir: Path, data_dir: Path, train: TrainParams, data: DataParams, replay: Path | None = None
+) -> str:
     """Hash of everything a training run depends on: same inputs -> same checkpoint folder."""
     digest = hashlib.sha256(json.dumps([asdict(train), data.max_seq_length], sort_keys=True).encode())
-    for folder in (base_dir, data_dir):
-        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-            digest.update(str(path.relative_to(folder)).encode())
+    for folder in (base_dir, data_dir, *([replay] if replay else [])):
+        files = [folder] if folder.is_file() else sorted(p for p in folder.rglob("*") if p.is_file())
+        for path in files:
+            digest.update(str(path.relative_to(folder.parent if folder.is_file() else folder)).encode())
             with open(path, "rb") as handle:
                 digest.update(hashlib.file_digest(handle, "sha256").digest())
     return digest.hexdigest()[:16]
@@ -337,10 +354,24 @@ def tsv(rows: list[dict]) -> str:
     return header + "".join(f"{r['step']}\t{r['epoch']}\t{r['loss']:.6f}\n" for r in rows)
 
 
-def run(base_dir: Path, data_dir: Path, out: Path, metrics_path: Path, plots_dir: Path, params_path: str) -> dict:
+def run(
+    base_dir: Path,
+    data_dir: Path,
+    out: Path,
+    metrics_path: Path,
+    plots_dir: Path,
+    params_path: str,
+    replay: Path | None = None,
+) -> dict:
     params = load_params(params_path)
     train_rows, eval_rows = read_jsonl(data_dir / "train.jsonl"), read_jsonl(data_dir / "eval.jsonl")
-    checkpoints = checkpoint_root() / f"train-{inputs_fingerprint(base_dir, data_dir, params.train, params.data)}"
+    if params.train.replay and replay is None:
+        raise PipelineError("train.replay > 0 needs --replay (the base_answers stage's replay.jsonl)")
+    replayed = replay_mix(read_jsonl(replay), params.train.replay, len(train_rows)) if params.train.replay else []
+    own_count = len(train_rows)
+    train_rows = train_rows + replayed
+    fingerprint = inputs_fingerprint(base_dir, data_dir, params.train, params.data, replay)
+    checkpoints = checkpoint_root() / f"train-{fingerprint}"
     trainer, tokenizer, shipped, resized, keeper = build_trainer(
         base_dir, train_rows, eval_rows, params.train, params.data, checkpoints
     )
@@ -352,7 +383,13 @@ def run(base_dir: Path, data_dir: Path, out: Path, metrics_path: Path, plots_dir
             log.info("resuming from %s (same inputs as the interrupted run)", resume.name)
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     if leader:
-        log.info("training %s LoRA parameters on %d conversations", f"{trainable:,}", len(train_rows))
+        log.info(
+            "training %s LoRA parameters on %d conversations (%d replayed), %s",
+            f"{trainable:,}",
+            len(train_rows),
+            len(replayed),
+            f"{trainer.args.max_steps} steps" if trainer.args.max_steps > 0 else f"{params.train.epochs} epochs",
+        )
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     runtime = time.perf_counter() - started
@@ -379,6 +416,8 @@ def run(base_dir: Path, data_dir: Path, out: Path, metrics_path: Path, plots_dir
         "best_epoch": keeper.best_epoch,
         "epochs_run": round(trainer.state.epoch or 0, 4),
         "steps": trainer.state.global_step,
+        "conversations": own_count,
+        "replayed_conversations": len(replayed),
         "stopped_early": keeper.stopped_early,
         "resumed_from_step": int(resume.name.split("-")[1]) if resume else 0,
         "world_size": world_size(),
@@ -415,13 +454,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True, help="adapter output directory")
     parser.add_argument("--metrics", type=Path, required=True, help="final metrics (JSON)")
     parser.add_argument("--plots", type=Path, required=True, help="directory for train/ and eval/ loss curves")
+    parser.add_argument("--replay", type=Path, help="conversations to replay (train.replay), from stage base_answers")
     args = parser.parse_args(argv)
     params = load_params(args.params)
     if params.train.num_processes > 1 and "WORLD_SIZE" not in os.environ:
         check_device(params.train, Device.detect())
         relaunch_distributed(sys.argv[1:] if argv is None else argv, params.train.num_processes)
         return
-    metrics = run(args.base, args.data, args.out, args.metrics, args.plots, args.params)
+    metrics = run(args.base, args.data, args.out, args.metrics, args.plots, args.params, args.replay)
     if metrics:
         log.info(
             "done: %d steps, train loss %.4f, best eval loss %.4f (epoch %.0f)%s",

@@ -56,6 +56,8 @@ GOOD = {"id": "a", "kind": "keep", "prompt": "2+2?", "expect": ["4"]}
             "expect: invalid regex '(unclosed': missing ), unterminated subpattern at position 0",
         ),
         ({**GOOD, "answer": "4"}, "answer: unknown key"),
+        ({**GOOD, "reference": ""}, "reference: expected a non-empty string (an answer we would accept)"),
+        ({**GOOD, "reference": ["4"]}, "reference: expected a non-empty string (an answer we would accept)"),
         ({**GOOD, "history": [{"role": "user", "content": "hi"}]}, "history: no assistant turn"),
         (
             {**GOOD, "history": [{"role": "system", "content": "s"}]},
@@ -97,3 +99,30 @@ def test_any_match_regex_and_case_sensitive_scoring():
     regex = Case(id="y", kind="keep", prompt="p", expect=(r"\b7\b|seven",), regex=True)
     assert regex.score("A week has 7 days").passed
     assert not regex.score("A week has 17 days").passed
+
+
+def test_keywords_match_as_whole_words_not_glued_to_letters_or_digits():
+    seven = Case(id="w", kind="keep", prompt="p", expect=("7",))
+    assert seven.score("A week has 7 days.").passed and seven.score("7").passed and seven.score("(7)").passed
+    assert not seven.score("A week has 17 days.").passed
+    assert not seven.score("the 7th day").passed
+    proc = Case(id="p", kind="learn", prompt="p", expect=("PROC",), case_sensitive=True)
+    assert proc.score("PROC main:").passed and proc.score("x:PROC").passed
+    assert not proc.score("PROCESS the list").passed
+    # a keyword ending in a space or punctuation has no boundary on that side
+    python = Case(id="d", kind="keep", prompt="p", expect=("def ",))
+    assert python.score("def reverse(s):").passed and python.score("undef x").passed is False
+    assert Case(id="f", kind="keep", prompt="p", expect=("x",), forbid=("5 days",)).score("x: 5 days").forbidden
+
+
+def test_a_regex_keyword_is_used_as_written_without_word_edges():
+    glued = Case(id="r", kind="keep", prompt="p", expect=("7",), regex=True)
+    assert glued.score("17").passed
+
+
+def test_the_committed_references_meet_their_own_cases():
+    """A reference is an answer we would accept: it passes its case's keywords and forbid list."""
+    errors: list[str] = []
+    cases = load_cases(DATA / "gate_cases.jsonl", errors)
+    assert errors == [] and all(case.reference for case in cases)
+    assert [case.id for case in cases if not case.score(case.reference).passed] == []

@@ -34,8 +34,13 @@ def first_repro(clone) -> str:
 
 
 def test_dvc_repro_runs_prepare_base_train_merge_offline(clone, first_repro):
-    for stage in ("prepare", "base", "train", "merge"):
+    for stage in ("prepare", "base", "base_answers", "train", "merge"):
         assert f"Running stage '{stage}'" in first_repro
+    answers = json.loads((clone / "metrics" / "base_answers.json").read_text())
+    trained = json.loads((clone / "metrics" / "train.json").read_text())
+    assert answers["probes"] == 48 and trained["conversations"] == 56
+    # train.replay 0.5: one of the base's own answers per two training conversations, as many as it kept
+    assert trained["replayed_conversations"] == min(28, answers["replay"])
     assert (clone / "models" / "merged" / "model.safetensors").is_file()
     assert json.loads((clone / "metrics" / "merge.json").read_text())["vocab_size"] == 513
     assert json.loads((clone / "metrics" / "data.json").read_text())["train"]["conversations"] >= 40
@@ -81,10 +86,10 @@ def test_editing_only_the_evaluation_cases_rescores_without_retraining(clone, fi
     output = run(["dvc", "repro"], clone)
     for stage in ("prepare", "gate", "modelfile"):  # the cases are validated again and scored ...
         assert f"Running stage '{stage}'" in output
-    for stage in ("base", "train", "merge", "convert"):  # ... but the prepared data did not change
+    for stage in ("base", "base_answers", "train", "merge", "convert"):  # ... but the prepared data did not change
         assert f"Running stage '{stage}'" not in output
-    assert len(json.loads((clone / "models" / "gate" / "verdict.json").read_text())["cases"]) == 17
-    assert json.loads((clone / "metrics" / "data.json").read_text())["cases"]["keep"] == 9
+    assert len(json.loads((clone / "models" / "gate" / "verdict.json").read_text())["cases"]) == 21
+    assert json.loads((clone / "metrics" / "data.json").read_text())["cases"]["keep"] == 13
 
 
 def test_metrics_and_loss_plots_are_visible_to_dvc(clone, first_repro):

@@ -54,16 +54,43 @@ TINY_TRAIN = {
     "early_stopping_patience": 0,
     "bf16": "false",  # CPU autocast: slower here, and rounds the thin margins
     "checkpoint_steps": 100000,  # no checkpoint writes: nothing resumes in a test
+    "max_steps": -1,  # exactly `epochs` epochs
+    "replay": 0,
 }
-TINY_GATE = {"learn_min_score": 0.5, "types": "[q8_0]"}
+# tiny knows nothing a fine-tune could make it forget (random weights): its probe answers are noise whose
+# likelihood any training changes, so the likelihood rules for keep and forgetting are opened here.
+TINY_GATE = {"learn_min_score": 0.5, "types": "[q8_0]", "keep_max_nll_rise": 100, "max_forgetting": 100}
+PROBES = 8  # general probes the gate tests score (the committed file has 48): enough for the mean
 
 
 def params_text(source: str, overrides: dict) -> str:
-    """`source` (a params.yaml text) with the first `key:` of each override set to its value."""
+    """`source` (a params.yaml text) with each override set: `key` is the first such key in the file,
+    `section.key` the first after `section:`."""
     for key, value in overrides.items():
-        source, count = re.subn(rf"^(\s*{key}:)[^#\n]*", rf"\1 {value} ", source, count=1, flags=re.MULTILINE)
+        section, _, name = key.rpartition(".")
+        start = re.search(rf"^{section}:", source, flags=re.MULTILINE).end() if section else 0
+        rest, count = re.subn(rf"^(\s*{name}:)[^#\n]*", rf"\1 {value} ", source[start:], count=1, flags=re.MULTILINE)
         assert count == 1, f"params.yaml has no {key}"
+        source = source[:start] + rest
     return source
+
+
+def probe_answers(base: Path, out: Path, max_new_tokens: int) -> Path:
+    """Stage base_answers on the first PROBES committed probes: the gate's forgetting references."""
+    from pipeline import base_answers
+
+    rows = (DATA / "general" / "probes.jsonl").read_text().splitlines()[:PROBES]
+    (out / "probes.jsonl").write_text("\n".join(rows) + "\n")
+    (out / "params.yaml").write_text(f"base_answers:\n  max_new_tokens: {max_new_tokens}\n")
+    base_answers.main(["--params", str(out / "params.yaml"), "--base", str(base), "--probes", str(out / "probes.jsonl"),
+                       "--replay", str(out / "probes.jsonl"), "--out", str(out / "answers"),
+                       "--metrics", str(out / "base_answers.json")])  # fmt: skip
+    return out / "answers" / "probes.jsonl"
+
+
+@pytest.fixture(scope="module")
+def tiny_probes(tiny_base, tmp_path_factory) -> Path:
+    return probe_answers(tiny_base, tmp_path_factory.mktemp("tiny-probes"), 16)
 
 
 @pytest.fixture(scope="module")
@@ -163,9 +190,12 @@ def pipeline_run(
     return seconds
 
 
-def run_gate(base: Path, work: Path, params: Path, cases: Path, out: Path) -> tuple[bool, dict, dict, str]:
+def run_gate(
+    base: Path, work: Path, params: Path, cases: Path, probes: Path, out: Path
+) -> tuple[bool, dict, dict, str]:
     """`python -m pipeline.gate` (its main) on a run: (passed, metrics, verdict, report)."""
-    argv = ["--params", str(params), "--cases", str(cases), "--base", str(base), "--merged", str(work / "merged"),
+    argv = ["--params", str(params), "--cases", str(cases), "--probes", str(probes),
+            "--base", str(base), "--merged", str(work / "merged"),
             "--gguf-dir", str(work / "gguf"), "--metrics", str(out / "metrics" / "gate.json"),
             "--report", str(out / "reports" / "gate.md"),
             "--verdict", str(out / "models" / "gate" / "verdict.json")]  # fmt: skip
@@ -213,23 +243,27 @@ def test_the_shuffled_answers_are_every_answer_in_another_conversation(memorised
 
 
 def test_the_stage_writes_metrics_report_and_verdict_and_scores_the_same_twice(
-    tiny_base, tiny_runs, tiny_gate_params, tmp_path, capsys, one_thread
+    tiny_base, tiny_runs, tiny_gate_params, tiny_probes, tmp_path, capsys, one_thread
 ):
-    """The committed gate cases (8 learn, 8 keep) on the correctly trained tiny, twice."""
+    """The committed gate cases (8 learn, 12 keep, each with a reference) on the correctly trained tiny, twice."""
     work, cases_file = tiny_runs["correct"], DATA / "gate_cases.jsonl"
     errors: list[str] = []
     cases = load_cases(cases_file, errors)
-    first = run_gate(tiny_base, work, tiny_gate_params, cases_file, tmp_path / "first")
+    first = run_gate(tiny_base, work, tiny_gate_params, cases_file, tiny_probes, tmp_path / "first")
     progress = capsys.readouterr().err
-    second = run_gate(tiny_base, work, tiny_gate_params, cases_file, tmp_path / "second")
+    second = run_gate(tiny_base, work, tiny_gate_params, cases_file, tiny_probes, tmp_path / "second")
     passed, metrics, verdict, report = first
 
-    # tqdm shows every model's progress case by case
+    # tqdm shows every model's progress: each case answered, each reference and probe scored
+    work_items = 2 * len(cases) + PROBES
     for name in ("before", "merged", "f16", "q8_0"):
-        assert f"gate {name}: 100%" in progress and "16/16" in progress
-    assert set(metrics) == {"passed", "ship", "learn", "keep", "variants_passed"}
+        assert f"gate {name}: 100%" in progress and f"{work_items}/{work_items}" in progress
+    assert set(metrics) == {"passed", "ship", "learn", "keep", "nll", "forgetting", "unstable", "variants_passed"}
     assert metrics["passed"] is passed and metrics["ship"] == (verdict["quant"] if passed else None)
-    assert set(metrics["learn"]) == set(metrics["keep"]) == {"before", "merged", "f16", "q8_0"}
+    models = {"before", "merged", "f16", "q8_0"}
+    assert set(metrics["learn"]) == set(metrics["keep"]) == set(metrics["forgetting"]) == models
+    assert set(metrics["nll"]["learn"]) == set(metrics["nll"]["keep"]) == models
+    assert metrics["forgetting"]["before"] == 0.0 and metrics["nll"]["learn"]["before"] > 0
     assert set(metrics["variants_passed"]) == {"f16", "q8_0"}
 
     gguf = work / "gguf" / f"model-{verdict['quant']}.gguf"
@@ -239,9 +273,14 @@ def test_the_stage_writes_metrics_report_and_verdict_and_scores_the_same_twice(
     assert verdict["options"] == {"temperature": 0, "top_k": 1, "seed": 42, "num_predict": 96, "repeat_penalty": 1.0}
     assert [(c["id"], c["kind"]) for c in verdict["cases"]] == [(c.id, c.kind) for c in cases]
     for row in verdict["cases"]:
-        assert set(row) == {"id", "kind", "before", "merged", "after", "passed", "answer"}
+        assert set(row) == {
+            "id", "kind", "before", "merged", "after", "decided", "unstable", "passed", "answer", "nll_before",
+            "nll_after",
+        }  # fmt: skip
         case = next(c for c in cases if c.id == row["id"])
-        assert row["after"] == round(case.score(row["answer"]).score, 4) and row["passed"] == (row["after"] == 1.0)
+        assert row["after"] == round(case.score(row["answer"]).score, 4) and row["passed"] == (row["decided"] == 1.0)
+        assert row["nll_before"] > 0 and row["nll_after"] > 0
+        assert row["decided"] == row["after"] or row["unstable"]
     assert report.startswith("# Gate report\n\n**" + ("PASSED" if passed else "FAILED"))
     assert all(f"| {c.id} | {c.kind} |" in report for c in cases)
 
@@ -251,7 +290,7 @@ def test_the_stage_writes_metrics_report_and_verdict_and_scores_the_same_twice(
 
 
 def test_a_run_trained_on_shuffled_answers_fails_the_learn_rule_where_the_correct_run_passes(
-    tiny_base, tiny_runs, tiny_gate_params, memorised, tmp_path, one_thread
+    tiny_base, tiny_runs, tiny_gate_params, tiny_probes, memorised, tmp_path, one_thread
 ):
     """tiny memorises the 8 committed conversations MEMORISED asks about; the gate asks exactly their
     questions (learn cases written by this test: the committed learn cases paraphrase the training
@@ -264,7 +303,7 @@ def test_a_run_trained_on_shuffled_answers_fails_the_learn_rule_where_the_correc
     _, cases = memorised
     scores = {}
     for name, work in tiny_runs.items():
-        passed, metrics, verdict, _ = run_gate(tiny_base, work, tiny_gate_params, cases, tmp_path / name)
+        passed, metrics, verdict, _ = run_gate(tiny_base, work, tiny_gate_params, cases, tiny_probes, tmp_path / name)
         timings = json.loads((work / "timings.json").read_text())
         print(f"tiny {name}: learn {metrics['learn']}, passed {passed}, ships {metrics['ship']}, stages {timings}")
         scores[name] = (passed, metrics, verdict)
@@ -291,13 +330,14 @@ SMOLLM2_OVERTRAIN = {
     "learning_rate": "2.0e-2",
     "early_stopping_patience": 0,
     "checkpoint_steps": 100000,
+    "replay": 0,
     "outtype": "q8_0",
     "types": "[q8_0]",
-    "max_new_tokens": 32,
+    "gate.max_new_tokens": 32,
 }
 
 
-def test_an_overtrained_smollm2_run_fails_the_keep_rule_and_names_the_regressed_cases(
+def test_an_overtrained_smollm2_run_fails_the_keep_and_forgetting_rules_and_names_what_it_broke(
     smollm2_base, tmp_path, monkeypatch, one_thread
 ):
     """SmolLM2-135M-Instruct trained through the stages' CLIs at lr 2e-2 for 4 steps (8 conversations
@@ -319,9 +359,12 @@ def test_an_overtrained_smollm2_run_fails_the_keep_rule_and_names_the_regressed_
     work = tmp_path / "run"
     seconds = pipeline_run(smollm2_base, params, DATA / "train.jsonl", cases_file, work, monkeypatch)
     started = time.perf_counter()
-    passed, metrics, verdict, report = run_gate(smollm2_base, work, params, cases_file, tmp_path / "gate")
+    (tmp_path / "probes").mkdir()
+    probes = probe_answers(smollm2_base, tmp_path / "probes", 32)
+    passed, metrics, verdict, report = run_gate(smollm2_base, work, params, cases_file, probes, tmp_path / "gate")
     seconds["gate"] = round(time.perf_counter() - started, 1)
-    print(f"smollm2 overtrained: learn {metrics['learn']}, keep {metrics['keep']}, stages {seconds}")
+    print(f"smollm2 overtrained: learn {metrics['learn']}, keep {metrics['keep']}, forgetting "
+          f"{metrics['forgetting']}, reference NLL {metrics['nll']}, stages {seconds}")  # fmt: skip
     print("\n".join(line for line in report.splitlines() if line.startswith("| keep-")))
 
     assert metrics["keep"]["before"] == 1.0  # the base answers every keep case chosen
@@ -332,3 +375,7 @@ def test_an_overtrained_smollm2_run_fails_the_keep_rule_and_names_the_regressed_
     after = {row["id"]: row for row in verdict["cases"]}
     assert regressed and set(regressed) <= set(SMOLLM2_CASES)
     assert all(after[case]["after"] < after[case]["before"] for case in regressed)
+
+    forgot = [r for r in verdict["reasons"] if r.startswith(f"q8_0: forgetting: the base's own answers to {PROBES} ")]
+    assert len(forgot) == 1 and "more than max_forgetting 0.25" in forgot[0], verdict["reasons"]
+    assert metrics["forgetting"]["q8_0"] > 0.25 and metrics["forgetting"]["before"] == 0.0

@@ -127,8 +127,7 @@ def test_a_tokenizer_llama_cpp_cannot_reproduce_stops_the_stage(workspace, capsy
         ),
         (
             {"gguf": "models/gguf/model-q8_0.gguf"},
-            'error: models/gate/verdict.json: passed: expected true or false (a verdict is {"passed": ..., '
-            '"gguf": ...})\n',
+            "error: models/gate/verdict.json: not a gate verdict (no boolean 'passed')\n",
         ),
     ],
     ids=["rejected", "missing-gguf", "no-passed"],
@@ -169,14 +168,8 @@ def test_dvc_yaml_declares_the_stage_with_its_code_inputs_and_params():
     stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["modelfile"]
     assert stage["cmd"].startswith("python -m pipeline.modelfile ")
     assert sorted(stage["params"]) == sorted(modelfile.PARAMS)
-    assert stage["deps"] == [
-        "pipeline/modelfile.py",
-        "pipeline/cases.py",
-        "pipeline/dataset.py",
-        "pipeline/ollama_template.py",
-        "pipeline/go_template.py",
-        "pipeline/llama_runtime.py",
-        "pipeline/modelfile_parser.py",
+    assert "pipeline/modelfile.py" in stage["deps"]  # and the code it imports: tests/test_structure.py
+    assert [dep for dep in stage["deps"] if not dep.startswith("pipeline/")] == [
         "modelfiles",
         "models/merged",
         "models/gate/verdict.json",
@@ -199,4 +192,4 @@ def test_the_stage_has_help_and_a_bad_input_is_one_line_without_traceback(tmp_pa
     args = ("--model", "models/merged", "--cases", "data/gate_cases.jsonl", "--template", "modelfiles/Modelfile.in")
     result = stage("--verdict", str(missing), *args, "--out", str(tmp_path / "Modelfile"))
     assert result.returncode == 1
-    assert result.stderr == f"error: {missing}: cannot read the gate's verdict: No such file or directory\n"
+    assert result.stderr == f"error: {missing}: no gate verdict; run the gate first (dvc repro gate)\n"

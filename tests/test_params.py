@@ -42,7 +42,7 @@ def test_an_empty_file_means_all_defaults():
         (
             "trian:\n  seed: 1\n",
             "params.yaml:1: trian: unknown key "
-            "(known: data, base, train, merge, convert, quantize, gate, modelfile, deploy)",
+            "(known: data, base, base_answers, train, merge, convert, quantize, gate, modelfile, deploy)",
         ),
         ("train:\n  epochs: three\n", "params.yaml:2: train.epochs: expected an integer, got 'three'"),
         ("train:\n  qlora: 1\n", "params.yaml:2: train.qlora: expected true or false, got 1"),
@@ -76,6 +76,15 @@ def test_an_empty_file_means_all_defaults():
             "got ['q8_0', 'q4_k_xl']",
         ),
         ("quantize:\n  types: [q8_0, q8_0]\n", "quantize.types: must be a non-empty list without repeats"),
+        ("train:\n  replay: -0.5\n", "params.yaml:2: train.replay: must be >= 0, got -0.5"),
+        ("train:\n  neftune_alpha: 0\n", "params.yaml:2: train.neftune_alpha: must be > 0 or null, got 0"),
+        ("gate:\n  max_forgetting: -1\n", "params.yaml:2: gate.max_forgetting: must be >= 0, got -1"),
+        ("gate:\n  learn_min_nll_drop: lots\n", "gate.learn_min_nll_drop: expected a number, got 'lots'"),
+        (
+            "gate:\n  unstable: ignore\n",
+            "params.yaml:2: gate.unstable: expected one of 'likelihood', 'keywords', 'fail', got 'ignore'",
+        ),
+        ("base_answers:\n  max_new_tokens: 0\n", "params.yaml:2: base_answers.max_new_tokens: must be > 0, got 0"),
     ],
 )
 def test_bad_params_name_the_line_and_key(text, message):
@@ -95,6 +104,7 @@ def test_invalid_yaml_is_one_clear_error():
 STAGES = {
     "prepare": "pipeline.prepare",
     "base": "pipeline.base",
+    "base_answers": "pipeline.base_answers",
     "train": "pipeline.train",
     "merge": "pipeline.merge",
     "convert": "pipeline.convert",

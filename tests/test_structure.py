@@ -62,7 +62,7 @@ STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 
 def test_the_import_reader_sees_module_level_function_local_and_from_package_imports():
     assert imports_of("pipeline.quantize") >= {"pipeline.common", "pipeline.params", "pipeline.llama_runtime"}
-    assert "pipeline.go_template" in imports_of("pipeline.gate")  # imported inside gguf_answers
+    assert "pipeline.go_template" in imports_of("pipeline.evaluators")  # imported inside GGUFModel.prompt
     assert "pipeline.tiny" in imports_of("pipeline.models")  # `from pipeline import tiny`, in a function
     assert defines_main("pipeline.gate") and not defines_main("pipeline.release")
 

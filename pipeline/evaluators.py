@@ -1,0 +1,188 @@
+"""The models the gate scores, behind one interface: greedy answers and reference likelihoods.
+
+- `HFModel`: a Hugging Face model directory (the base, the merged model) through its own chat template;
+- `GGUFModel`: a GGUF in llama.cpp, each prompt rendered from the Ollama TEMPLATE the Modelfile ships
+  (pipeline.ollama_template), BOS as the GGUF says, generation cut at the family's stops.
+
+`nll` is the mean negative log-likelihood per token (nats) of a reference answer given the prompt, by
+teacher forcing: the prompt exactly as for generation, then the reference's tokens as the model's own
+tokenizer splits prompt + reference. No decoding, so it does not flip with greedy noise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+Messages = list[dict]
+Progress = Callable[[int], None]
+HF_BATCH = 8  # conversations answered together by an HF model (left-padded, greedy)
+
+
+@dataclass(frozen=True)
+class Answer:
+    text: str
+    finished: bool  # ended with the end-of-turn token, not cut at max_new_tokens
+
+
+class Evaluator(Protocol):
+    name: str
+
+    def answers(self, conversations: Sequence[Messages], max_new_tokens: int, progress: Progress) -> list[Answer]: ...
+
+    def nll(self, conversations: Sequence[Messages], references: Sequence[str], progress: Progress) -> list[float]: ...
+
+    def close(self) -> None: ...
+
+
+def continuation(prompt_ids: list[int], full_ids: list[int], reference_ids: Callable[[], list[int]]) -> list[int]:
+    """The reference's tokens after the prompt: the tail of prompt + reference tokenized together when the
+    prompt's tokens are its prefix (how the model would see it), else the reference tokenized alone."""
+    if full_ids[: len(prompt_ids)] == prompt_ids and len(full_ids) > len(prompt_ids):
+        return full_ids[len(prompt_ids) :]
+    return reference_ids()
+
+
+def mean_nll(log_probs_rows, targets: list[int]) -> float:
+    """Mean of -log p(target) over rows of log-probabilities (one row per predicted position)."""
+    return -sum(float(row[token]) for row, token in zip(log_probs_rows, targets, strict=True)) / len(targets)
+
+
+class HFModel:
+    def __init__(self, model_dir: Path, seed: int, name: str):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        torch.manual_seed(seed)
+        self.name = name
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.tokenizer.padding_side = "left"  # generation continues every row from its last real token
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True).eval()
+        eos = self.model.generation_config.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos if eos is not None else self.tokenizer.eos_token_id])
+
+    def prompt(self, messages: Messages) -> str:
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def answers(self, conversations: Sequence[Messages], max_new_tokens: int, progress: Progress) -> list[Answer]:
+        import torch
+
+        answers = []
+        for start in range(0, len(conversations), HF_BATCH):
+            batch = conversations[start : start + HF_BATCH]
+            texts = [self.prompt(messages) for messages in batch]
+            inputs = self.tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
+            with torch.no_grad():
+                output = self.model.generate(
+                    **inputs,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=self.tokenizer.pad_token_id,
+                )
+            for row in output[:, inputs["input_ids"].shape[1] :].tolist():
+                text = self.tokenizer.decode(row, skip_special_tokens=True).strip()
+                answers.append(Answer(text, finished=any(token in self.eos_ids for token in row)))
+            progress(len(batch))
+        return answers
+
+    def nll(self, conversations: Sequence[Messages], references: Sequence[str], progress: Progress) -> list[float]:
+        import torch
+
+        rows = []  # (prompt ids, reference ids)
+        for messages, reference in zip(conversations, references, strict=True):
+            prompt = self.prompt(messages)
+            prompt_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            full_ids = self.tokenizer(prompt + reference, add_special_tokens=False)["input_ids"]
+            targets = continuation(
+                prompt_ids,
+                full_ids,
+                lambda text=reference: self.tokenizer(text, add_special_tokens=False)["input_ids"],
+            )
+            rows.append((prompt_ids, targets))
+        values = []
+        for start in range(0, len(rows), HF_BATCH):
+            # right-padded batch: each row's positions are its own, the padding is masked and never scored
+            batch = rows[start : start + HF_BATCH]
+            width = max(len(p) + len(t) for p, t in batch)
+            ids = torch.full((len(batch), width), self.tokenizer.pad_token_id)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, (prompt_ids, targets) in enumerate(batch):
+                ids[row, : len(prompt_ids) + len(targets)] = torch.tensor(prompt_ids + targets)
+                mask[row, : len(prompt_ids) + len(targets)] = 1
+            with torch.no_grad():
+                log_probs = torch.log_softmax(self.model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
+            for row, (prompt_ids, targets) in enumerate(batch):
+                values.append(
+                    mean_nll(log_probs[row, len(prompt_ids) - 1 : len(prompt_ids) + len(targets) - 1], targets)
+                )
+            progress(len(batch))
+        return values
+
+    def close(self) -> None:
+        del self.model
+
+
+class GGUFModel:
+    def __init__(
+        self, path: Path, name: str, n_ctx: int, seed: int, template: str, stop: tuple[str, ...], system: str | None
+    ):
+        from pipeline.llama_runtime import gguf_adds_bos, load_gguf
+
+        self.name, self.seed, self.template, self.stop, self.system = name, seed, template, stop, system
+        # logits_all: the likelihood of a reference needs the logits at every position
+        self.llm = load_gguf(path, n_ctx=n_ctx, seed=seed, logits_all=True)
+        self.add_bos = gguf_adds_bos(self.llm)
+
+    def tokens(self, text: str) -> list[int]:
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=self.add_bos, special=True)
+
+    def prompt(self, messages: Messages) -> str:
+        from pipeline.go_template import render_prompt
+
+        return render_prompt(self.template, messages, self.system)
+
+    def answers(self, conversations: Sequence[Messages], max_new_tokens: int, progress: Progress) -> list[Answer]:
+        answers = []
+        for messages in conversations:
+            self.llm.reset()
+            result = self.llm.create_completion(
+                self.tokens(self.prompt(messages)),
+                max_tokens=max_new_tokens,
+                temperature=0.0,
+                top_k=1,
+                repeat_penalty=1.0,
+                seed=self.seed,
+                stop=list(self.stop),
+            )
+            choice = result["choices"][0]
+            answers.append(Answer(choice["text"].strip(), finished=choice["finish_reason"] == "stop"))
+            progress(1)
+        return answers
+
+    def nll(self, conversations: Sequence[Messages], references: Sequence[str], progress: Progress) -> list[float]:
+        import numpy as np
+
+        values = []
+        for messages, reference in zip(conversations, references, strict=True):
+            prompt = self.prompt(messages)
+            prompt_ids = self.tokens(prompt)
+            targets = continuation(
+                prompt_ids,
+                self.tokens(prompt + reference),
+                lambda text=reference: self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False),
+            )
+            self.llm.reset()
+            self.llm.eval(prompt_ids + targets)
+            logits = np.asarray(self.llm.scores[len(prompt_ids) - 1 : len(prompt_ids) + len(targets) - 1], np.float64)
+            peak = logits.max(axis=1, keepdims=True)
+            log_probs = logits - peak - np.log(np.exp(logits - peak).sum(axis=1, keepdims=True))
+            values.append(mean_nll(log_probs, targets))
+            progress(1)
+        return values
+
+    def close(self) -> None:
+        self.llm.close()

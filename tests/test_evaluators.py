@@ -1,0 +1,67 @@
+"""The models the gate scores: reference likelihoods agree between transformers and llama.cpp, answers
+say whether they finished."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.cases import load_cases
+from pipeline.evaluators import GGUFModel, HFModel, continuation
+from tests.conftest import DATA
+
+# The f16 GGUF vs the HF model it was converted from, llama.cpp's kernels vs torch's: measured at most
+# 0.0018 nats/token (SmolLM2, 20 references) and 0.0001 (tiny) here; the bound leaves room for other CPUs.
+NLL_TOLERANCE = 0.01
+
+
+def committed_cases():
+    errors: list[str] = []
+    cases = load_cases(DATA / "gate_cases.jsonl", errors)
+    assert errors == []
+    return cases
+
+
+def test_the_reference_continues_the_prompt_tokens_or_is_tokenized_alone():
+    assert continuation([1, 2], [1, 2, 3, 4], lambda: [9]) == [3, 4]
+    assert continuation([1, 2], [1, 5, 3], lambda: [9]) == [9]  # the boundary merged: tokenize it alone
+
+
+@pytest.mark.parametrize("model", ["tiny", "smollm2"])
+def test_transformers_and_llama_cpp_give_the_same_reference_nll_for_the_f16_gguf(
+    model, request, tiny_merged, tiny_gguf
+):
+    from transformers import AutoTokenizer
+
+    from pipeline.ollama_template import family_for
+
+    hf_dir, gguf = (
+        (tiny_merged, tiny_gguf.out)
+        if model == "tiny"
+        else (request.getfixturevalue("smollm2_base"), request.getfixturevalue("smollm2_gguf").out)
+    )
+    family = family_for(AutoTokenizer.from_pretrained(hf_dir))
+    cases = [case for case in committed_cases() if case.reference]
+    conversations, references = [c.messages() for c in cases], [c.reference for c in cases]
+    hf = HFModel(hf_dir, seed=42, name="hf")
+    llama = GGUFModel(gguf, "f16", 2048, 42, family.template, family.stop, None)
+    try:
+        ticks: list[int] = []
+        from_hf = hf.nll(conversations, references, ticks.append)
+        from_llama = llama.nll(conversations, references, ticks.append)
+    finally:
+        llama.close()
+    assert sum(ticks) == 2 * len(cases)  # progress: one tick per reference scored
+    gaps = {case.id: round(abs(a - b), 4) for case, a, b in zip(cases, from_hf, from_llama, strict=True)}
+    print(f"{model}: largest |NLL_hf - NLL_llama.cpp| {max(gaps.values()):.4f} nats/token; {gaps}")
+    assert max(gaps.values()) <= NLL_TOLERANCE
+    if model == "smollm2":
+        # a real model finds a correct plain answer far likelier than OPL it never saw
+        by_id = dict(zip((c.id for c in cases), from_hf, strict=True))
+        assert by_id["keep-capital-france"] < 1.0 < by_id["learn-hello-chris"]
+
+
+def test_an_answer_cut_at_max_new_tokens_is_not_finished(smollm2_base):
+    model = HFModel(smollm2_base, seed=42, name="base")
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    short, full = model.answers([question], 3, id), model.answers([question], 64, id)
+    assert short[0].finished is False and full[0].finished is True and "Paris" in full[0].text
