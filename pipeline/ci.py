@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from pipeline.common import run_cli
-from pipeline.report import downstream_of, stale_stages
+from pipeline.dvc_status import downstream_of, stale_stages
 
 STALE_EXIT = 3  # not an error: the job shows it as an allowed failure (allow_failure: exit_codes)
 

@@ -1,4 +1,4 @@
-"""Helpers shared by every stage: logging, atomic writes, JSON Lines, seeding."""
+"""Helpers shared by every stage: logging, atomic writes, JSON Lines, seeding and deterministic torch."""
 
 from __future__ import annotations
 
@@ -98,6 +98,21 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def deterministic_torch(seed: int, cpu_threads: int | None = None) -> None:
+    """Seed everything and make torch as deterministic as it allows: deterministic kernels where torch has
+    them (a warning, not an error, for an op without one) and, when given, a fixed CPU thread count (the
+    count changes how reductions are split). The same inputs then give the same model on the same kind
+    of machine; precision (bf16 or not) still depends on the machine, see train.precision."""
+    import torch
+
+    # cuBLAS is deterministic only with a fixed workspace (read when CUDA starts; harmless on CPU)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    seed_everything(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    if cpu_threads is not None:
+        torch.set_num_threads(cpu_threads)
 
 
 def file_sha256_hex(path: str | Path) -> str:

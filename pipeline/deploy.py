@@ -21,58 +21,35 @@ Deploying the same model again uploads nothing and changes nothing. Every run ap
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import subprocess
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.cases import Case, load_cases
-from pipeline.common import PipelineError, get_logger, run_cli, write_text_atomic
-from pipeline.http_retry import RetryPolicy
-from pipeline.model_names import LATEST, Repository, check_name_part, check_version_tag
+from pipeline.common import PipelineError, get_logger, run_cli
+from pipeline.model_names import LATEST, check_version_tag
 from pipeline.modelfile_parser import Modelfile, load_modelfile
 from pipeline.ollama_client import OllamaClient, file_sha256
-from pipeline.params import DeployParams, GateParams, load_params
+from pipeline.params import GateParams, load_params
 from pipeline.registry_client import MODEL_LAYER, Manifest, RegistryClient
+from pipeline.release import (
+    MODELFILE,
+    HostRecord,
+    Record,
+    Settings,
+    append_record,
+    commit_of,
+    create_request,
+    move_latest,
+    now,
+    push_and_verify,
+    resolve_settings,
+)
 from pipeline.verdict import VERDICT, Verdict, judge_keywords, load_verdict
 
 log = get_logger("deploy")
 
-MODELFILE = Path("models/release/Modelfile")
 CASES = Path("data/gate_cases.jsonl")
-
-
-# --- settings: params.yaml < environment < command line ---
-
-
-@dataclass(frozen=True)
-class Settings:
-    repository: Repository
-    hosts: tuple[str, ...]
-    insecure: bool
-    retry: RetryPolicy
-    records: Path
-
-
-def resolve_settings(
-    params: DeployParams,
-    environ: Mapping[str, str] = os.environ,
-    registry: str | None = None,
-    hosts: list[str] | None = None,
-) -> Settings:
-    env_hosts = [h.strip() for h in environ.get("OLLAMA_HOST", "").split(",") if h.strip()]
-    registry = registry or environ.get("DEPLOY_REGISTRY") or params.registry
-    check_name_part("registry", registry)
-    return Settings(
-        repository=Repository(registry, params.namespace, params.model),
-        hosts=tuple(hosts or env_hosts or params.hosts),
-        insecure=params.insecure,
-        retry=RetryPolicy(params.retries, params.backoff_s, params.timeout_s),
-        records=Path(params.records),
-    )
 
 
 # --- what ships: the verdict, the Modelfile, its GGUF, the gate's cases ---
@@ -88,8 +65,7 @@ class Release:
     cases: dict[str, Case]
 
     def create_request(self) -> dict:
-        """POST /api/create fields besides the name: the uploaded GGUF by digest, then the Modelfile's."""
-        return {"files": {self.gguf.name: self.gguf_digest}, **self.modelfile.create_request()}
+        return create_request(self.gguf, self.gguf_digest, self.modelfile)
 
 
 def load_release(modelfile_path: Path, verdict_path: Path, cases_path: Path) -> Release:
@@ -169,111 +145,38 @@ def served_check(client: OllamaClient, name: str, release: Release, rules: GateP
     return differences
 
 
-# --- registry verification ---
-
-
-def verify_pushed(registry: RegistryClient, primary: OllamaClient, tags: list[str], release: Release) -> Manifest:
-    """Each version tag in the registry holds the manifest Ollama created, every blob is there with its
-    digest, and the model layer is our GGUF where Ollama stores it as uploaded."""
-    manifests = []
-    for tag in tags:
-        name = registry.repository.name(tag)
-        manifest = registry.manifest(tag)
-        if manifest is None:
-            raise PipelineError(f"{registry}: {tag} is missing after the push")
-        local = primary.local_digest(name)
-        if manifest.local_digest != local:
-            raise PipelineError(
-                f"{registry}: {tag} is {manifest.digest}, not the manifest {primary} created for {name} "
-                f"(local manifest sha256 {local})"
-            )
-        manifests.append(manifest)
-    manifest = manifests[0]
-    for blob in manifest.blobs:
-        # the small blobs (config, template, params) are read back and hashed; the model only checked by HEAD
-        registry.check_blob(blob, download=blob.media_type != MODEL_LAYER)
-    model = manifest.layer(MODEL_LAYER)
-    if model is None:
-        raise PipelineError(f"{registry}: {tags[0]} has no model layer")
-    if primary.stores_gguf_as_uploaded and model.digest != release.gguf_digest:
-        raise PipelineError(
-            f"{registry}: the model layer of {tags[0]} is {model.digest}, not our GGUF {release.gguf_digest}"
-        )
-    if model.digest != release.gguf_digest:
-        log.info("%s rewrote the GGUF on import (0.30+): model layer %s", primary, model.digest)
-    return manifest
-
-
-# --- records ---
-
-
-def commit_of() -> str | None:
-    if os.environ.get("CI_COMMIT_SHA"):
-        return os.environ["CI_COMMIT_SHA"]
-    try:
-        result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return result.stdout.strip()
-
-
-def append_record(path: Path, record: dict) -> None:
-    """Append one JSON line (the file is rewritten atomically, so a crash never leaves half a line)."""
-    previous = path.read_text(encoding="utf-8") if path.is_file() else ""
-    if previous and not previous.endswith("\n"):
-        previous += "\n"
-    write_text_atomic(path, previous + json.dumps(record, sort_keys=True) + "\n")
-
-
-def read_records(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except ValueError as error:
-            raise PipelineError(f"{path}:{number}: not a JSON record: {error}") from None
-    return records
-
-
-def now() -> str:
-    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
-
-
-# --- moving latest ---
-
-
-def move_latest(registry: RegistryClient, clients: list[OllamaClient], manifest: Manifest, version: str) -> bool:
-    """Point `latest` at `version` in the registry (same manifest bytes, no blob moves) and on every host
-    (a copy of the local manifest). True when anything changed."""
-    changed = False
-    current = registry.manifest(LATEST)
-    if current is None or current.digest != manifest.digest:
-        registry.put_manifest(LATEST, manifest)
-        changed = True
-    latest = registry.manifest(LATEST)
-    if latest is None or latest.digest != manifest.digest:
-        raise PipelineError(f"{registry}: latest is {latest and latest.digest} after the move, not {manifest.digest}")
-    source, live = registry.repository.name(version), registry.repository.name(LATEST)
-    for client in clients:
-        wanted = client.local_digest(source)
-        if wanted is None:
-            raise PipelineError(f"{client} lost {source} before latest moved")
-        if client.local_digest(live) != wanted:
-            client.copy(source, live)
-            changed = True
-        if client.local_digest(live) != wanted:
-            raise PipelineError(f"{client}: {live} did not move to {source}")
-    return changed
-
-
 # --- deploy ---
 
 
-def deploy(release: Release, tags: list[str], settings: Settings, rules: GateParams) -> dict:
+@dataclass(frozen=True)
+class Installed:
+    """What installing the release did on one host: whether the GGUF was sent, and the served check's
+    per-case score differences from the gate."""
+
+    uploaded: bool
+    differences: list[str]
+
+
+def install(client: OllamaClient, names: list[str], release: Release, rules: GateParams) -> Installed:
+    """On one host: upload the GGUF if missing, create the first name, copy it to the others, check it served."""
+    uploaded = client.upload_blob(release.gguf, release.gguf_digest)
+    client.create(names[0], release.create_request())
+    for name in names[1:]:
+        client.copy(names[0], name)
+    return Installed(uploaded, served_check(client, names[0], release, rules))
+
+
+def check_tags_free(registry: RegistryClient, in_registry: dict[str, Manifest | None], created: str | None) -> None:
+    """Version tags are immutable: a tag the registry has must already hold the model just created."""
+    for tag, previous in in_registry.items():
+        if previous is not None and previous.local_digest != created:
+            raise PipelineError(
+                f"{registry}: {tag} already holds another model ({previous.digest}); version tags are immutable, "
+                "deploy this model under a new tag"
+            )
+
+
+def deploy(release: Release, tags: list[str], settings: Settings, rules: GateParams) -> Record:
     """Ship `release` under the version `tags`, then move latest; returns the deployment record."""
     tags = list(dict.fromkeys(check_version_tag(tag) for tag in tags))
     if not tags:
@@ -287,33 +190,10 @@ def deploy(release: Release, tags: list[str], settings: Settings, rules: GatePar
 
     in_registry = {tag: registry.manifest(tag) for tag in tags}
     local_before = {client.url: client.local_models() for client in clients}
-    request = release.create_request()
-    uploaded, differences = {}, {}
-    for client in clients:
-        uploaded[client.url] = client.upload_blob(release.gguf, release.gguf_digest)
-        client.create(names[0], request)
-        for name in names[1:]:
-            client.copy(names[0], name)
-        differences[client.url] = served_check(client, names[0], release, rules)
-
+    installed = {client.url: install(client, names, release, rules) for client in clients}
     primary = clients[0]
-    created = primary.local_digest(names[0])
-    for tag in tags:
-        previous = in_registry[tag]
-        if previous is not None and previous.local_digest != created:
-            raise PipelineError(
-                f"{registry}: {tag} already holds another model ({previous.digest}); version tags are immutable, "
-                "deploy this model under a new tag"
-            )
-    for tag, name in zip(tags, names, strict=True):
-        if in_registry[tag] is None:
-            try:
-                primary.push(name, settings.insecure)
-            except PipelineError as error:
-                raise PipelineError(f"{error}; the registry {registry.health()}") from None
-        else:
-            log.info("%s: %s is already there, same manifest: not pushed again", registry, tag)
-    manifest = verify_pushed(registry, primary, tags, release)
+    check_tags_free(registry, in_registry, primary.local_digest(names[0]))
+    manifest = push_and_verify(primary, registry, tags, release.gguf_digest, in_registry)
     latest_moved = move_latest(registry, clients, manifest, tags[0])
 
     local_changed = any(
@@ -321,30 +201,31 @@ def deploy(release: Release, tags: list[str], settings: Settings, rules: GatePar
         for client in clients
         for name in [*names, repository.name(LATEST)]
     )
-    record = {
-        "action": "deploy",
-        "when": now(),
-        "commit": commit_of(),
-        "tags": tags,
-        "registry": repository.registry,
-        "repository": repository.path,
-        "manifest_digest": manifest.digest,
-        "model_digest": manifest.layer(MODEL_LAYER).digest,
-        "gguf": str(release.gguf.name),
-        "gguf_sha256": release.gguf_digest,
-        "layers": {layer.media_type: layer.digest for layer in manifest.blobs},
-        "hosts": [
-            {
-                "url": client.url,
-                "version": ".".join(map(str, client.version or ())),
-                "uploaded": uploaded[client.url],
-                "served_check_differences": differences[client.url],
-            }
+    uploaded = any(done.uploaded for done in installed.values())
+    record = Record(
+        action="deploy",
+        when=now(),
+        commit=commit_of(),
+        tags=tags,
+        registry=repository.registry,
+        repository=repository.path,
+        manifest_digest=manifest.digest,
+        model_digest=manifest.layer(MODEL_LAYER).digest,
+        gguf=release.gguf.name,
+        gguf_sha256=release.gguf_digest,
+        layers={layer.media_type: layer.digest for layer in manifest.blobs},
+        hosts=[
+            HostRecord(
+                url=client.url,
+                version=".".join(map(str, client.version or ())),
+                uploaded=installed[client.url].uploaded,
+                served_check_differences=installed[client.url].differences,
+            )
             for client in clients
         ],
-        "latest": tags[0],
-        "changed": latest_moved or local_changed or any(uploaded.values()) or None in in_registry.values(),
-    }
+        latest=tags[0],
+        changed=latest_moved or local_changed or uploaded or None in in_registry.values(),
+    )
     append_record(settings.records, record)
     log.info(
         "deployed %s as %s (manifest %s); latest -> %s%s",
@@ -352,7 +233,7 @@ def deploy(release: Release, tags: list[str], settings: Settings, rules: GatePar
         ", ".join(names),
         manifest.digest[:19],
         tags[0],
-        "" if record["changed"] else " (already deployed: nothing changed)",
+        "" if record.changed else " (already deployed: nothing changed)",
     )
     return record
 

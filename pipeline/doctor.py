@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from pipeline.common import run_cli
+from pipeline.common import PipelineError, run_cli
+from pipeline.ollama_client import host_url, hosts_from_env
 
 TIMEOUT_S = 5
 PROBE_TIMEOUT_S = 180  # importing torch and initialising CUDA can take a while on a cold machine
@@ -235,14 +236,17 @@ def http_get(url: str):
 
 
 def check_ollama(options) -> Result:
-    hosts = [h.strip() for h in os.environ.get("OLLAMA_HOST", "").split(",") if h.strip()]
+    hosts = hosts_from_env(os.environ)
     if not hosts:
         return failed("OLLAMA_HOST is not set", "set OLLAMA_HOST (comma-separated, e.g. http://gpu-box:11434)")
     results = []
     for host in hosts:
-        base = host if "://" in host else f"http://{host}"
         try:
-            response = http_get(f"{base.rstrip('/')}/api/version")
+            base = host_url(host)  # deploy's reading of it: a bare host means port 11434
+        except PipelineError as error:
+            return failed(f"OLLAMA_HOST: {error}", "use host, host:port or http://host:port, comma-separated")
+        try:
+            response = http_get(f"{base}/api/version")
             version = response.json().get("version") if response.ok else None
         except Exception as error:  # connection refused, DNS, not JSON: all mean "not an Ollama here"
             return failed(

@@ -16,8 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from pipeline.common import PipelineError
-
 Messages = list[dict]
 Progress = Callable[[int], None]
 HF_BATCH = 8  # conversations answered together by an HF model (left-padded, greedy)
@@ -132,25 +130,18 @@ class GGUFModel:
     def __init__(
         self, path: Path, name: str, n_ctx: int, seed: int, template: str, stop: tuple[str, ...], system: str | None
     ):
-        import llama_cpp
-
-        from pipeline.ollama_template import gguf_adds_bos
-        from pipeline.quantize import llama_log
+        from pipeline.llama_runtime import gguf_adds_bos, load_gguf
 
         self.name, self.seed, self.template, self.stop, self.system = name, seed, template, stop, system
-        with llama_log() as lines:
-            try:
-                # logits_all: the likelihood of a reference needs the logits at every position
-                self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, seed=seed, logits_all=True, verbose=False)
-            except ValueError as error:
-                raise PipelineError(f"{path}: llama.cpp cannot load it ({error}): {''.join(lines)[-500:]}") from None
+        # logits_all: the likelihood of a reference needs the logits at every position
+        self.llm = load_gguf(path, n_ctx=n_ctx, seed=seed, logits_all=True)
         self.add_bos = gguf_adds_bos(self.llm)
 
     def tokens(self, text: str) -> list[int]:
         return self.llm.tokenize(text.encode("utf-8"), add_bos=self.add_bos, special=True)
 
     def prompt(self, messages: Messages) -> str:
-        from pipeline.ollama_template import render_prompt
+        from pipeline.go_template import render_prompt
 
         return render_prompt(self.template, messages, self.system)
 

@@ -16,7 +16,7 @@ import requests
 
 from pipeline.common import PipelineError, get_logger
 
-log = get_logger("deploy")
+log = get_logger("http_retry")  # shared by deploy and rollback: logs under its own name
 T = TypeVar("T")
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.metadata
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from pipeline.common import PipelineError
@@ -71,6 +72,15 @@ def load_tokenizer(base: BaseParams, corpus: list[str], scratch: Path):
 
         return tiny.build_tokenizer(corpus, scratch)
     return AutoTokenizer.from_pretrained(base.model, **_pretrained_kwargs(base))
+
+
+def token_counter(tokenizer) -> Callable[[list[dict]], int]:
+    """A conversation's length in tokens after the tokenizer's chat template (what max_seq_length bounds)."""
+
+    def count(messages: list[dict]) -> int:
+        return len(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
+
+    return count
 
 
 def _copy_spm_model(base: BaseParams, out: Path) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,13 +25,18 @@ import requests
 from pipeline.common import PipelineError, file_sha256_hex, get_logger
 from pipeline.http_retry import RetryPolicy, TransientError, check_status, error_text
 
-log = get_logger("deploy")
+log = get_logger("ollama_client")  # shared by deploy and rollback: logs under its own name
 
 DEFAULT_PORT = 11434
 # Landmarks from Ollama's release history that change what deploy may rely on.
 JSON_CREATE_API = (0, 5, 5)  # before: /api/create took a Modelfile text ("path or Modelfile are required")
 GGUF_REWRITTEN = (0, 30, 0)  # from: GGUF imports go through llama-quantize COPY, the model layer's digest changes
 PROGRESS_EVERY_S = 5.0
+
+
+def hosts_from_env(environ: Mapping[str, str]) -> list[str]:
+    """OLLAMA_HOST as deploy and the doctor read it: comma-separated hosts, blanks ignored."""
+    return [host.strip() for host in environ.get("OLLAMA_HOST", "").split(",") if host.strip()]
 
 
 def host_url(host: str) -> str:

@@ -112,6 +112,9 @@ class TrainParams:
     # Evaluations (one per epoch) without a better eval loss before training stops; 0 = never stop early.
     early_stopping_patience: int = field(default=2, metadata=NON_NEGATIVE)
     logging_steps: int = field(default=1, metadata=POSITIVE)
+    # torch's CPU threads for this stage; null = torch's default (the machine's cores). The thread count
+    # changes how sums are split, so fixing it is part of getting the same model on another CPU.
+    cpu_threads: int | None = field(default=None, metadata=_check(lambda v: v is None or v > 0, "must be > 0 or null"))
 
 
 @dataclass(frozen=True)

@@ -16,19 +16,12 @@ from pathlib import Path
 from pipeline.cases import load_cases
 from pipeline.common import PipelineError, get_logger, run_cli, write_json_atomic, write_jsonl_atomic
 from pipeline.dataset import Example, length_check, load_conversations, overlap_errors
-from pipeline.models import load_tokenizer
+from pipeline.models import load_tokenizer, token_counter
 from pipeline.params import Params, load_params
 
 PARAMS = ("data", "base.model", "base.revision", "base.trust_remote_code")
 
 log = get_logger("prepare")
-
-
-def token_counter(tokenizer):
-    def count(messages: list[dict]) -> int:
-        return len(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
-
-    return count
 
 
 def split_stats(examples: list[Example], lengths: list[int], dropped: int) -> dict:

@@ -12,16 +12,15 @@ width 576 is not a multiple of 256) it falls back to another type, and the repor
 from __future__ import annotations
 
 import argparse
-import contextlib
 import ctypes
 import re
 import typing
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from pipeline.common import PipelineError, atomic_file, get_logger, run_cli, write_json_atomic
+from pipeline.llama_runtime import llama_log
 from pipeline.params import QuantizeParams, QuantType, load_params
 
 PARAMS = ("quantize.pure",)
@@ -39,25 +38,6 @@ def check_type(name: str) -> str:
     if name not in TYPES:
         raise PipelineError(f"unknown quantization type {name!r} (valid: {', '.join(TYPES)})")
     return name
-
-
-@contextlib.contextmanager
-def llama_log() -> Iterator[list[str]]:
-    """Collect what llama.cpp logs (instead of printing it) while the block runs."""
-    import llama_cpp
-    from llama_cpp import _logger
-
-    lines: list[str] = []
-
-    @llama_cpp.llama_log_callback
-    def collect(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-        lines.append(text.decode("utf-8", errors="replace"))
-
-    llama_cpp.llama_log_set(collect, ctypes.c_void_p(0))
-    try:
-        yield lines
-    finally:
-        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
 
 
 def fallbacks(log_text: str) -> list[dict[str, Any]]:

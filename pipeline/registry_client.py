@@ -20,7 +20,7 @@ from pipeline.common import PipelineError, atomic_file, get_logger
 from pipeline.http_retry import RetryPolicy, TransientError, check_status
 from pipeline.model_names import Repository
 
-log = get_logger("deploy")
+log = get_logger("registry_client")  # shared by deploy and rollback: logs under its own name
 
 MANIFEST_V2 = "application/vnd.docker.distribution.manifest.v2+json"
 MODEL_LAYER = "application/vnd.ollama.image.model"

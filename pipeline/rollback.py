@@ -30,21 +30,25 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.common import PipelineError, get_logger, run_cli
-from pipeline.deploy import (
-    MODELFILE,
-    Settings,
-    append_record,
-    commit_of,
-    move_latest,
-    now,
-    read_records,
-    resolve_settings,
-)
 from pipeline.model_names import LATEST, check_version_tag
 from pipeline.modelfile_parser import load_modelfile
 from pipeline.ollama_client import OllamaClient, file_sha256
 from pipeline.params import load_params
 from pipeline.registry_client import MODEL_LAYER, Manifest, RegistryClient
+from pipeline.release import (
+    MODELFILE,
+    HostRecord,
+    Record,
+    Settings,
+    append_record,
+    commit_of,
+    create_request,
+    move_latest,
+    now,
+    push_and_verify,
+    read_records,
+    resolve_settings,
+)
 from pipeline.verdict import VERDICT, load_verdict
 
 log = get_logger("rollback")
@@ -136,24 +140,7 @@ def resolve_source(tag: str, registry: RegistryClient, lacking: list[OllamaClien
         ) from None
 
 
-def push_and_verify(client: OllamaClient, registry: RegistryClient, tag: str, gguf_digest: str | None) -> Manifest:
-    """Push the host's `tag` and check the registry holds exactly that manifest and all its blobs."""
-    name = registry.repository.name(tag)
-    client.push(name, registry.insecure)
-    manifest = registry.manifest(tag)
-    if manifest is None:
-        raise PipelineError(f"{registry}: {tag} is missing after the push")
-    if manifest.local_digest != client.local_digest(name):
-        raise PipelineError(f"{registry}: {tag} is {manifest.digest}, not the manifest {client} has for {name}")
-    for blob in manifest.blobs:
-        registry.check_blob(blob, download=blob.media_type != MODEL_LAYER)
-    model = manifest.layer(MODEL_LAYER)
-    if gguf_digest and client.stores_gguf_as_uploaded and (model is None or model.digest != gguf_digest):
-        raise PipelineError(f"{registry}: the model layer of {tag} is not the GGUF DVC has at {tag}")
-    return manifest
-
-
-def rollback(tag: str, settings: Settings, workdir: Path) -> dict:
+def rollback(tag: str, settings: Settings, workdir: Path) -> Record:
     check_version_tag(tag)
     repository = settings.repository
     name = repository.name(tag)
@@ -177,7 +164,7 @@ def rollback(tag: str, settings: Settings, workdir: Path) -> dict:
         modelfile = load_modelfile(modelfile_path)
         gguf = (modelfile_path.parent / modelfile.from_).resolve()
         dvc_gguf_digest = file_sha256(gguf)
-        request = {"files": {gguf.name: dvc_gguf_digest}, **modelfile.create_request()}
+        request = create_request(gguf, dvc_gguf_digest, modelfile)
         for client in lacking:
             client.upload_blob(gguf, dvc_gguf_digest)
             client.create(name, request)
@@ -187,24 +174,24 @@ def rollback(tag: str, settings: Settings, workdir: Path) -> dict:
 
     manifest = source.manifest
     if manifest is None:  # from DVC, or only the hosts have it: the registry gets the version tag first
-        manifest = push_and_verify(clients[0], registry, tag, dvc_gguf_digest)
+        manifest = push_and_verify(clients[0], registry, [tag], dvc_gguf_digest)
     else:
         for blob in manifest.blobs:
             registry.check_blob(blob, download=False)
     changed = move_latest(registry, clients, manifest, tag)
-    record = {
-        "action": "rollback",
-        "when": now(),
-        "commit": commit_of(),
-        "tags": [tag],
-        "registry": repository.registry,
-        "repository": repository.path,
-        "manifest_digest": manifest.digest,
-        "model_digest": manifest.layer(MODEL_LAYER).digest,
-        "hosts": [{"url": client.url, "path": paths[client.url]} for client in clients],
-        "latest": tag,
-        "changed": changed,
-    }
+    record = Record(
+        action="rollback",
+        when=now(),
+        commit=commit_of(),
+        tags=[tag],
+        registry=repository.registry,
+        repository=repository.path,
+        manifest_digest=manifest.digest,
+        model_digest=manifest.layer(MODEL_LAYER).digest,
+        hosts=[HostRecord(url=client.url, path=paths[client.url]) for client in clients],
+        latest=tag,
+        changed=changed,
+    )
     append_record(settings.records, record)
     log.info(
         "latest -> %s (manifest %s); %s", tag, manifest.digest[:19], "; ".join(f"{u}: {p}" for u, p in paths.items())
@@ -230,14 +217,13 @@ def deployable_versions(settings: Settings) -> list[dict]:
             "commit": None,
         }
     for record in read_records(settings.records):
-        if record.get("action") != "deploy" or record.get("repository") != settings.repository.path:
+        if record.action != "deploy" or record.repository != settings.repository.path:
             continue
-        for tag in record.get("tags", []):
+        for tag in record.tags:
             row = rows.setdefault(
-                tag,
-                {"tag": tag, "manifest_digest": record.get("manifest_digest"), "in_registry": False, "latest": False},
+                tag, {"tag": tag, "manifest_digest": record.manifest_digest, "in_registry": False, "latest": False}
             )
-            row["deployed"], row["commit"] = record.get("when"), record.get("commit")
+            row["deployed"], row["commit"] = record.when, record.commit
     return sorted(rows.values(), key=lambda row: (row.get("deployed") or "", row["tag"]))
 
 

@@ -23,14 +23,14 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from pipeline.chat_templates import check_parity, training_template
+from pipeline.chat_templates import check_training_template, training_template
 from pipeline.common import (
     PipelineError,
     atomic_directory,
+    deterministic_torch,
     get_logger,
     read_jsonl,
     run_cli,
-    seed_everything,
     write_json_atomic,
     write_text_atomic,
 )
@@ -68,6 +68,15 @@ class Device:
 
 def use_bf16(train: TrainParams, device: Device) -> bool:
     return device.bf16 if train.bf16 == "auto" else train.bf16
+
+
+def precision(train: TrainParams, device: Device) -> str:
+    """What training computes in, for metrics/train.json: "bf16" (bf16 weights: a CUDA GPU with bf16),
+    "bf16-autocast" (fp32 weights, bf16 matmuls) or "fp32"; "nf4+" in front with qlora. With bf16: auto
+    it depends on the machine (a CPU with AMX/AVX512-BF16 autocasts), so the same inputs give another model."""
+    autocast = "bf16-autocast" if use_bf16(train, device) else "fp32"
+    kind = "bf16" if device.cuda and device.bf16 else autocast  # load_model's rule for the weights
+    return f"nf4+{kind}" if train.qlora else kind
 
 
 def check_device(train: TrainParams, device: Device) -> None:
@@ -237,14 +246,14 @@ def build_trainer(
 
     device = device or Device.detect()
     check_device(train, device)
-    seed_everything(train.seed)
+    deterministic_torch(train.seed, train.cpu_threads)
     model, tokenizer = load_model(model_dir, train, device)
     resized = ensure_pad_token(tokenizer, model, train.pad_token)
     check_vocab_consistency(model, tokenizer, f"{model_dir} after adding the pad token")
 
     shipped = tokenizer.chat_template
     training = training_template(tokenizer)
-    check_parity(tokenizer, training, [row["messages"] for row in train_rows + eval_rows])
+    check_training_template(tokenizer, training, [row["messages"] for row in train_rows + eval_rows])
     tokenizer.chat_template = training
 
     checkpointing = _checkpointing(train, device)
@@ -412,6 +421,7 @@ def run(
         "stopped_early": keeper.stopped_early,
         "resumed_from_step": int(resume.name.split("-")[1]) if resume else 0,
         "world_size": world_size(),
+        "precision": precision(params.train, Device.detect()),  # machine-dependent under bf16: auto
         "trainable_parameters": trainable,
         "pad_token": tokenizer.pad_token,
         "embeddings_resized": resized,

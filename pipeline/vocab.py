@@ -61,17 +61,30 @@ def check_vocab_consistency(model, tokenizer, where: str) -> int:
     return len(tokenizer)
 
 
+# Keys transformers (5.x, PreTrainedTokenizerBase._from_pretrained) copies from how the tokenizer was
+# *loaded* into what save_pretrained writes: local_files_only is true under HF_HUB_OFFLINE=1, is_local
+# says whether it came from a directory. They change nothing in tokenization, only make the saved
+# directory (and its DVC hash) depend on the machine's environment.
+LOAD_TIME_KEYS = ("local_files_only", "is_local")
+
+
 def save_tokenizer(tokenizer, out) -> None:
-    """save_pretrained, keeping a SentencePiece tokenizer's `legacy` flag: transformers does not write
+    """save_pretrained, then tokenizer_config.json made independent of the loading environment (no
+    LOAD_TIME_KEYS) and keeping a SentencePiece tokenizer's `legacy` flag: transformers does not write
     it, and a reload without it tokenizes text after special tokens differently (no "▁" after `</s>`)
     from the tokenizer that trained the model and from llama.cpp."""
     import json
     from pathlib import Path
 
     tokenizer.save_pretrained(out)
-    legacy = getattr(tokenizer, "legacy", None)
     config_path = Path(out) / "tokenizer_config.json"
-    if legacy is not None and config_path.is_file():
-        config = json.loads(config_path.read_text())
-        if config.get("legacy") != legacy:
-            config_path.write_text(json.dumps({**config, "legacy": legacy}, indent=2, ensure_ascii=False) + "\n")
+    if not config_path.is_file():
+        return
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    fixed = {key: value for key, value in config.items() if key not in LOAD_TIME_KEYS}
+    legacy = getattr(tokenizer, "legacy", None)
+    if legacy is not None:
+        fixed["legacy"] = legacy
+    if fixed != config:  # written as transformers writes it
+        text = json.dumps(fixed, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+        config_path.write_text(text, encoding="utf-8")

@@ -19,10 +19,11 @@ import pytest
 import requests
 
 from pipeline.common import PipelineError
-from pipeline.deploy import Settings, deploy, load_release, resolve_settings
+from pipeline.deploy import deploy, load_release
 from pipeline.http_retry import RetryPolicy
 from pipeline.model_names import Repository
 from pipeline.params import DeployParams, GateParams
+from pipeline.release import Settings, resolve_settings
 from tests.conftest import ROOT
 from tests.servers import CHATML_TEMPLATE, Fault, OllamaServer, write_release
 
@@ -102,12 +103,12 @@ def test_deploy_creates_checks_pushes_verifies_then_moves_latest(stack, releases
     assert stack.ollama_proxy.count("POST", "^/api/blobs/") == 1
     assert stack.registry_proxy.count("PATCH", "/blobs/uploads/") >= 3
     saved = [json.loads(line) for line in records.read_text().splitlines()]
-    assert saved[-1] == record
-    assert record["tags"] == [SHA1, GIT_TAG] and record["manifest_digest"] == digest and record["changed"] is True
-    assert record["model_digest"] == f"sha256:{gguf_hex}" and record["latest"] == SHA1
-    assert record["hosts"][0]["version"] == "0.11.4" and record["hosts"][0]["uploaded"] is True
-    assert record["hosts"][0]["served_check_differences"] == []
-    assert len(record["commit"]) == 40
+    assert saved[-1] == record.to_json()
+    assert record.tags == [SHA1, GIT_TAG] and record.manifest_digest == digest and record.changed is True
+    assert record.model_digest == f"sha256:{gguf_hex}" and record.latest == SHA1
+    assert record.hosts[0].version == "0.11.4" and record.hosts[0].uploaded is True
+    assert record.hosts[0].served_check_differences == []
+    assert len(record.commit) == 40
 
 
 def test_deploying_the_same_model_again_uploads_nothing_and_changes_nothing(stack, releases, records, tmp_path):
@@ -230,9 +231,9 @@ def test_deploy_to_two_ollama_hosts_serves_the_model_on_both(stack, releases, re
             models = ollama_models(ollama)
             assert models[f"{prefix}:latest"]["digest"] == models[f"{prefix}:{SHA2}"]["digest"]
             assert models[f"{prefix}:latest"]["details"]["quantization_level"] == "Q8_0"
-        assert registry_manifest(stack, "tests/tiny", "latest")[0] == record["manifest_digest"]
+        assert registry_manifest(stack, "tests/tiny", "latest")[0] == record.manifest_digest
         # the rig got this GGUF in the wrong-template test already; the workstation needed it
-        assert [host["uploaded"] for host in record["hosts"]] == [False, True]
+        assert [host.uploaded for host in record.hosts] == [False, True]
         assert stack.ollama_proxy.count("POST", "^/api/push") == 1
     finally:
         second.stop()

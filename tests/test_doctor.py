@@ -181,3 +181,27 @@ def test_a_check_that_breaks_is_reported_as_a_failure_not_a_traceback(monkeypatc
     results = doctor.run_checks(["gpu-driver"], SimpleNamespace(min_free_gib=1))
     assert results[0][1].status == "FAIL"
     assert capsys.readouterr().out.startswith("FAIL gpu-driver: the check itself broke: KeyError: 'nvidia'")
+
+
+def test_a_bare_ollama_host_means_port_11434_for_the_doctor_as_for_deploy(monkeypatch):
+    from pipeline.http_retry import RetryPolicy
+    from pipeline.ollama_client import OllamaClient
+
+    asked: list[str] = []
+
+    def fake_get(url: str) -> SimpleNamespace:
+        asked.append(url)
+        return SimpleNamespace(ok=True, status_code=200, json=lambda: {"version": "0.11.4"})
+
+    monkeypatch.setattr(doctor, "http_get", fake_get)
+    monkeypatch.setenv("OLLAMA_HOST", "gpu-box, workstation:8080")
+    assert doctor.check_ollama(None) == doctor.passed("http://gpu-box:11434 0.11.4, http://workstation:8080 0.11.4")
+    assert asked == ["http://gpu-box:11434/api/version", "http://workstation:8080/api/version"]
+    assert OllamaClient("gpu-box", RetryPolicy()).url == "http://gpu-box:11434"
+
+
+def test_an_ollama_host_that_is_not_a_host_fails_with_the_forms_to_use(monkeypatch):
+    monkeypatch.setenv("OLLAMA_HOST", "ftp://gpu-box")
+    result = doctor.check_ollama(None)
+    assert result.status == "FAIL"
+    assert result.detail == "OLLAMA_HOST: Ollama host 'ftp://gpu-box': expected host, host:port or http(s)://host:port"

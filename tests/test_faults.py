@@ -13,6 +13,7 @@ import requests
 from pipeline.common import PipelineError
 from pipeline.deploy import deploy, load_release
 from pipeline.params import GateParams
+from pipeline.release import Record
 from tests.servers import Fault
 from tests.test_deploy import ollama_models, registry_manifest, registry_tags, settings_for
 
@@ -27,7 +28,7 @@ def live(stack, releases, records) -> dict:
     release = load_release(files.modelfile, files.verdict, files.cases)
     record = deploy(release, ["v1-live"], settings_for(stack, records), GateParams())
     name = f"{stack.registry_proxy.address}/{REPO}:latest"
-    return {"registry": record["manifest_digest"], "ollama": ollama_models(stack.ollama)[name]["digest"], "name": name}
+    return {"registry": record.manifest_digest, "ollama": ollama_models(stack.ollama)[name]["digest"], "name": name}
 
 
 @pytest.fixture(autouse=True)
@@ -38,7 +39,7 @@ def no_faults(stack, live):
     stack.clear_faults()
 
 
-def deploy_v2(stack, releases, records, tag: str) -> dict:
+def deploy_v2(stack, releases, records, tag: str) -> Record:
     files = releases["v2"]
     return deploy(load_release(files.modelfile, files.verdict, files.cases), [tag], settings_for(stack, records),
                   GateParams())  # fmt: skip
@@ -160,5 +161,5 @@ def test_transient_faults_are_retried_and_the_deploy_then_succeeds(stack, releas
 
     assert stack.ollama_proxy.count("POST", "^/api/create") == 2
     digest = registry_manifest(stack, REPO, "v2-after-retries")[0]
-    assert registry_manifest(stack, REPO, "latest")[0] == digest == record["manifest_digest"]
+    assert registry_manifest(stack, REPO, "latest")[0] == digest == record.manifest_digest
     assert ollama_models(stack.ollama)[live["name"]]["details"]["quantization_level"] == "Q8_0"

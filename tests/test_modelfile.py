@@ -168,10 +168,8 @@ def test_dvc_yaml_declares_the_stage_with_its_code_inputs_and_params():
     stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["modelfile"]
     assert stage["cmd"].startswith("python -m pipeline.modelfile ")
     assert sorted(stage["params"]) == sorted(modelfile.PARAMS)
-    assert stage["deps"] == [
-        "pipeline/modelfile.py",
-        "pipeline/ollama_template.py",
-        "pipeline/modelfile_parser.py",
+    assert "pipeline/modelfile.py" in stage["deps"]  # and the code it imports: tests/test_structure.py
+    assert [dep for dep in stage["deps"] if not dep.startswith("pipeline/")] == [
         "modelfiles",
         "models/merged",
         "models/gate/verdict.json",

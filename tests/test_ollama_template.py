@@ -18,6 +18,7 @@ import pytest
 
 from pipeline.cases import load_cases
 from pipeline.common import PipelineError
+from pipeline.go_template import render_prompt
 from pipeline.ollama_template import (
     CHATML_TEMPLATE,
     FAMILIES,
@@ -25,7 +26,6 @@ from pipeline.ollama_template import (
     ChatFamily,
     check_parity,
     family_for,
-    render_prompt,
 )
 from tests.conftest import CACHE, DATA, MULTI_TURN, ROOT
 

@@ -24,6 +24,7 @@ def test_committed_params_load_with_the_documented_defaults(repo_params):
     assert repo_params.train.learning_rate == pytest.approx(1e-3)
     assert repo_params.merge.dtype == "float16"
     assert repo_params.convert.outtype == "f16" and repo_params.quantize.types == ["q8_0", "q4_k_m"]
+    assert repo_params.train.bf16 == "auto" and repo_params.train.cpu_threads is None  # torch's default threads
 
 
 def test_an_empty_file_means_all_defaults():
@@ -53,6 +54,7 @@ def test_an_empty_file_means_all_defaults():
         ("train:\n  batch_size: 0\n", "params.yaml:2: train.batch_size: must be > 0, got 0"),
         ("train:\n  lora:\n    dropout: 1.5\n", "params.yaml:3: train.lora.dropout: must be in [0, 1), got 1.5"),
         ("train:\n  max_steps: 0\n", "params.yaml:2: train.max_steps: must be -1 or > 0, got 0"),
+        ("train:\n  cpu_threads: 0\n", "params.yaml:2: train.cpu_threads: must be > 0 or null, got 0"),
         (
             "train:\n  scheduler: warm\n",
             "train.scheduler: expected one of 'linear', 'cosine', 'constant', 'constant_with_warmup', got 'warm'",

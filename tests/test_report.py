@@ -13,16 +13,8 @@ from scratch_project import copy_project, git
 
 from pipeline.common import PipelineError
 from pipeline.dataset import parse_example
-from pipeline.report import (
-    build_report,
-    cases_section,
-    dataset_section,
-    downstream_of,
-    is_input_change,
-    make_counter,
-    stale_stages,
-    word_counter,
-)
+from pipeline.dvc_status import downstream_of, is_input_change, stale_stages
+from pipeline.report import build_report, cases_section, dataset_section, make_counter, word_counter
 
 ROOT = Path(__file__).resolve().parent.parent
 WORDS = word_counter("test")

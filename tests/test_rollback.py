@@ -40,7 +40,7 @@ def deployed(stack, releases, records) -> dict[str, str]:
         files = releases[version]
         record = deploy(load_release(files.modelfile, files.verdict, files.cases), [tag], settings_for(stack, records),
                         GateParams())  # fmt: skip
-        digests[tag] = record["manifest_digest"]
+        digests[tag] = record.manifest_digest
     assert registry_manifest(stack, REPO, "latest")[0] == digests[SHA2]
     return digests
 
@@ -117,7 +117,7 @@ def test_rollback_rebuilds_from_registry_blobs_on_a_host_without_the_tag(stack, 
     assert stack.registry_proxy.count("GET", r"/blobs/sha256:") == len(manifest["layers"])
     assert stack.registry_proxy.count("POST", "/blobs/uploads/") == 0
     assert registry_manifest(stack, REPO, "latest")[0] == deployed[SHA2]
-    assert record["hosts"][0]["path"] == "from the registry's blobs"
+    assert record.hosts[0].path == "from the registry's blobs"
 
 
 def test_rollback_to_a_tag_only_the_host_has_pushes_it_before_repointing_latest(stack, deployed, records):
@@ -131,10 +131,10 @@ def test_rollback_to_a_tag_only_the_host_has_pushes_it_before_repointing_latest(
     record = rollback("host-only", settings_for(stack, records), records.parent / "work-host-only")
 
     digest, _ = registry_manifest(stack, REPO, "host-only")
-    assert digest == deployed[SHA2] == record["manifest_digest"]  # same model, same manifest
+    assert digest == deployed[SHA2] == record.manifest_digest  # same model, same manifest
     assert registry_manifest(stack, REPO, "latest")[0] == digest
     assert stack.registry_proxy.count("POST", "/blobs/uploads/") == 0  # its blobs were all there
-    assert record["hosts"][0]["path"] == "host has the tag: copy"
+    assert record.hosts[0].path == "host has the tag: copy"
 
 
 def git(repo: Path, *args: str) -> None:
@@ -179,14 +179,14 @@ def test_rollback_from_dvc_at_the_git_tag_when_no_host_or_registry_has_it(
 
     name = f"{stack.registry_proxy.address}/{REPO}"
     digest, manifest = registry_manifest(stack, REPO, DVC_TAG)
-    assert registry_manifest(stack, REPO, "latest")[0] == digest == record["manifest_digest"]
+    assert registry_manifest(stack, REPO, "latest")[0] == digest == record.manifest_digest
     gguf = dvc_repository / "models/gguf/model-f16.gguf"
     assert not gguf.exists()  # read from the DVC remote, not from a workspace copy
     model_layer = next(layer for layer in manifest["layers"] if layer["mediaType"].endswith(".model"))
     assert model_layer["digest"] == "sha256:" + hashlib.sha256(releases["v1"].gguf.read_bytes()).hexdigest()
     models = ollama_models(stack.ollama)
     assert models[f"{name}:latest"]["digest"] == models[f"{name}:{DVC_TAG}"]["digest"]
-    assert record["hosts"][0]["path"] == "from DVC at the git tag"
+    assert record.hosts[0].path == "from DVC at the git tag"
 
 
 def test_an_unknown_tag_is_one_clear_error_and_changes_nothing(stack, deployed, records, tmp_path):

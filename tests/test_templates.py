@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.chat_templates import check_parity, training_template
+from pipeline.chat_templates import check_training_template, training_template
 from pipeline.common import PipelineError
 from tests.conftest import MULTI_TURN
 
@@ -27,13 +27,13 @@ def test_training_template_renders_every_conversation_of_the_dataset_like_the_sh
     tokenizer = request.getfixturevalue(tokenizer_fixture)
     training = training_template(tokenizer)
     assert "{% generation %}" in training and "{% generation %}" not in tokenizer.chat_template
-    check_parity(tokenizer, training, [*dataset_conversations, MULTI_TURN])
+    check_training_template(tokenizer, training, [*dataset_conversations, MULTI_TURN])
 
 
 def test_parity_check_fails_loudly_on_a_template_that_drifts(tiny_tokenizer):
     drifted = training_template(tiny_tokenizer).replace("[/INST]", "[/INST]\n")
     with pytest.raises(PipelineError, match="renders conversation 0 differently"):
-        check_parity(tiny_tokenizer, drifted, [MULTI_TURN])
+        check_training_template(tiny_tokenizer, drifted, [MULTI_TURN])
 
 
 def test_an_unknown_template_without_a_training_variant_is_a_clear_error(tiny_tokenizer):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.common import PipelineError, read_jsonl
-from pipeline.train import Device, attention_for, build_trainer, check_device
+from pipeline.train import Device, attention_for, build_trainer, check_device, precision
 from tests.conftest import MULTI_TURN
 from tests.test_templates import trained_runs
 
@@ -94,6 +94,33 @@ def test_attention_auto_is_flex_for_padding_free_batches_on_cuda_and_sdpa_elsewh
     assert attention_for(dataclasses.replace(train, attention="eager"), cuda) == "eager"
 
 
+def test_the_recorded_precision_is_what_this_machine_trains_in(repo_params):
+    train = repo_params.train  # bf16: auto, the committed default
+    assert precision(train, Device(cuda=True, bf16=True)) == "bf16"
+    assert precision(train, Device(cuda=False, bf16=True)) == "bf16-autocast"  # AMX / AVX512-BF16
+    assert precision(train, CPU) == "fp32"
+    assert precision(dataclasses.replace(train, bf16=False), Device(cuda=False, bf16=True)) == "fp32"
+    assert precision(dataclasses.replace(train, qlora=True), Device(cuda=True, bf16=False)) == "nf4+fp32"
+
+
+def test_training_is_seeded_with_deterministic_kernels_and_the_configured_cpu_threads():
+    import torch
+
+    from pipeline.common import deterministic_torch
+
+    threads = torch.get_num_threads()
+    try:
+        deterministic_torch(7, cpu_threads=1)
+        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+        assert torch.get_num_threads() == 1
+        first = torch.rand(3)
+        deterministic_torch(7)  # null: the thread count is left as it is
+        assert torch.equal(torch.rand(3), first) and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(False)
+
+
 @pytest.fixture(scope="module")
 def trained_and_merged(tiny_base, tiny_params_file, tiny_prepared, tmp_path_factory, monkeypatch_module):
     """The train and merge stages, run through their CLIs on the tiny model and the real dataset."""
@@ -138,7 +165,7 @@ def trained_and_merged(tiny_base, tiny_params_file, tiny_prepared, tmp_path_fact
     return work
 
 
-def test_train_writes_adapter_with_resized_embeddings_metrics_and_loss_curves(trained_and_merged):
+def test_train_writes_adapter_with_resized_embeddings_metrics_and_loss_curves(trained_and_merged, repo_params):
     from safetensors import safe_open
 
     adapter = trained_and_merged / "adapter"
@@ -149,6 +176,7 @@ def test_train_writes_adapter_with_resized_embeddings_metrics_and_loss_curves(tr
     assert "generation" not in (adapter / "chat_template.jinja").read_text()  # the serving template ships
     metrics = json.loads((trained_and_merged / "train.json").read_text())
     assert metrics["embeddings_resized"] is True and metrics["pad_token"] == "<pad>"
+    assert metrics["precision"] == precision(repo_params.train, Device.detect())
     assert metrics["steps"] > 0 and metrics["best_eval_loss"] <= metrics["first_eval_loss"]
     train_curve = (trained_and_merged / "plots" / "train" / "loss.tsv").read_text().splitlines()
     eval_curve = (trained_and_merged / "plots" / "eval" / "loss.tsv").read_text().splitlines()
