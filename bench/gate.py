@@ -2,10 +2,11 @@
 
     python -m bench.gate --before 515e899 [--rounds 2]
 
-Runs `python -m pipeline.gate` of the earlier revision (a temporary git worktree) and of this checkout
-on the models in this repository, each with its own cases and params (models/base, models/merged, models/gguf: run `dvc repro quantize
-base_answers` first), alternating, so both see the same machine; the ratio after/before is the figure
-that counts. Results: a Markdown line on stdout and bench/results/gate-<base.model>.json.
+Runs `python -m pipeline.gate` of the earlier revision (a temporary git worktree) and of this checkout,
+each with its own cases and params, on the models in this repository (models/base, models/merged,
+models/gguf: run `dvc repro quantize base_answers` first), alternating, so both see the same machine;
+the ratio after/before is the figure that counts. Results: a Markdown line on stdout and
+bench/results/gate-<base.model>.json.
 """
 
 from __future__ import annotations

@@ -39,8 +39,8 @@ def test_dvc_repro_runs_prepare_base_train_merge_offline(clone, first_repro):
     answers = json.loads((clone / "metrics" / "base_answers.json").read_text())
     trained = json.loads((clone / "metrics" / "train.json").read_text())
     assert answers["probes"] == 48 and trained["conversations"] == 56
-    # train.replay 0.5: one of the base's own answers per two training conversations, as many as it kept
-    assert trained["replayed_conversations"] == min(28, answers["replay"])
+    # train.replay 1.0: one of the base's own answers per training conversation, as many as it kept
+    assert trained["replayed_conversations"] == min(56, answers["replay"]) > 0
     assert (clone / "models" / "merged" / "model.safetensors").is_file()
     assert json.loads((clone / "metrics" / "merge.json").read_text())["vocab_size"] == 513
     assert json.loads((clone / "metrics" / "data.json").read_text())["train"]["conversations"] >= 40
