@@ -96,16 +96,21 @@ def load_release(modelfile_path: Path, verdict_path: Path, cases_path: Path) -> 
 # --- the served check ---
 
 
+# Sampler settings where Ollama's defaults differ from llama.cpp's (the gate's): Ollama penalises repeats
+# (repeat_penalty 1.1) unless told otherwise, which changes greedy answers. The verdict's options win.
+SERVED_CHECK_DEFAULTS = {"repeat_penalty": 1.0}
+
+
 def served_options(verdict: Verdict, rules: GateParams) -> dict:
-    """The verdict's greedy options; a verdict without any (older) gets the gate's, with Ollama's
-    repeat_penalty 1.1 turned off: it changes greedy answers."""
-    return verdict.options or {
+    """The verdict's greedy options over Ollama's differing defaults; a verdict without any (older) gets
+    the gate's."""
+    options = verdict.options or {
         "temperature": 0,
         "top_k": 1,
         "seed": rules.seed,
         "num_predict": rules.max_new_tokens,
-        "repeat_penalty": 1.0,
     }
+    return {**SERVED_CHECK_DEFAULTS, **options}
 
 
 def served_check(client: OllamaClient, name: str, release: Release, rules: GateParams) -> list[str]:

@@ -111,6 +111,9 @@ class TrainParams:
     checkpoint_steps: int = field(default=0, metadata=NON_NEGATIVE)
     # Evaluations (one per epoch) without a better eval loss before training stops; 0 = never stop early.
     early_stopping_patience: int = field(default=2, metadata=NON_NEGATIVE)
+    # true: the adapter of the evaluation with the best eval loss ships; false: the last step's. A small eval
+    # set's loss can bottom out long before the facts are learned, so with a step budget the last is the default.
+    keep_best: bool = True
     logging_steps: int = field(default=1, metadata=POSITIVE)
     # torch's CPU threads for this stage; null = torch's default (the machine's cores). The thread count
     # changes how sums are split, so fixing it is part of getting the same model on another CPU.

@@ -393,7 +393,8 @@ def run(
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     runtime = time.perf_counter() - started
-    keeper.restore(trainer.model)
+    if params.train.keep_best:
+        keeper.restore(trainer.model)
     if not leader:
         return {}
 
@@ -419,6 +420,7 @@ def run(
         "conversations": own_count,
         "replayed_conversations": len(replayed),
         "stopped_early": keeper.stopped_early,
+        "shipped": "best eval loss" if params.train.keep_best else "last step",
         "resumed_from_step": int(resume.name.split("-")[1]) if resume else 0,
         "world_size": world_size(),
         "precision": precision(params.train, Device.detect()),  # machine-dependent under bf16: auto
