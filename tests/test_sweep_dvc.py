@@ -39,6 +39,18 @@ def ok(command: list[str], cwd: Path, env: dict[str, str] | None = None) -> str:
     return result.stdout + result.stderr
 
 
+def lighten(work: Path) -> None:
+    """Keep four experiments cheap: 4 general prompts each, short answers, one quantized GGUF."""
+    import re
+
+    for name in ("probes", "replay"):
+        path = work / "data" / "general" / f"{name}.jsonl"
+        path.write_text("".join(path.read_text().splitlines(keepends=True)[:4]))
+    params = work / "params.yaml"
+    text = re.sub(r"^(  max_new_tokens:)\s*\d+", r"\1 16", params.read_text(), flags=re.MULTILINE)
+    params.write_text(re.sub(r"^(  types:)\s*\[[^]]*\]", r"\1 [q8_0]", text, flags=re.MULTILINE))
+
+
 @pytest.fixture(scope="module")
 def scratch(tmp_path_factory) -> Path:
     """The project on tiny (gate thresholds opened) with the sweep file, a bare `origin` and a local DVC remote."""
@@ -49,7 +61,8 @@ def scratch(tmp_path_factory) -> Path:
     work.mkdir()
     copy_repository("tiny", work)
     (work / "sweeps" / "tiny.yaml").write_text(SWEEP)
-    ok(["git", "add", "sweeps/tiny.yaml"], work)
+    lighten(work)
+    ok(["git", "add", "-A"], work)
     ok(["git", "-c", "user.name=t", "-c", "user.email=t@example.invalid", "commit", "-qm", "sweep"], work)
     ok(["git", "init", "-q", "--bare", str(top / "origin.git")], work)
     ok(["git", "remote", "add", "origin", str(top / "origin.git")], work)
