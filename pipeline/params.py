@@ -330,6 +330,13 @@ def _build(cls: type, raw: Any, prefix: str, errors: list[tuple[str, str]]) -> A
     return cls(**values)
 
 
+def build_params(raw: Any) -> tuple[Params, list[tuple[str, str]]]:
+    """Params from an already loaded mapping, and every (dotted key, reason) wrong in it. The sweep
+    (pipeline/sweep_spec.py) checks params.yaml with a point's overrides applied through this."""
+    errors: list[tuple[str, str]] = []
+    return _build(Params, raw if raw is not None else {}, "", errors), errors
+
+
 def parse_params(text: str, source: str = "params.yaml") -> Params:
     try:
         node = yaml.compose(text)
@@ -337,8 +344,7 @@ def parse_params(text: str, source: str = "params.yaml") -> Params:
     except yaml.YAMLError as error:
         raise PipelineError(f"{source}: invalid YAML: {error}") from None
     lines = _key_lines(node) if node is not None else {}
-    errors: list[tuple[str, str]] = []
-    params = _build(Params, raw if raw is not None else {}, "", errors)
+    params, errors = build_params(raw)
     if errors:
         located = sorted((lines.get(key, 1), key, message) for key, message in errors)
         report = [f"{source}:{line}: {key}: {message}" for line, key, message in located]

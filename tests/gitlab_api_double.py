@@ -9,6 +9,12 @@ Follows GitLab's documentation ("Notes API", "REST API" authentication and pagin
 - POST .../notes with `body` (form or JSON): 201 and the note;
 - PUT .../notes/:note_id with `body`: 200 and the note; only its author may edit it (403 otherwise);
 - an unknown project or merge request: 404. `:id` may be the number or the URL-encoded path.
+And from the "Merge requests API" (what `python -m pipeline.sweep promote` sends through python-gitlab):
+- POST /api/v4/projects/:id/merge_requests with `source_branch`, `target_branch`, `title` (required; 400
+  `{"message": "... is missing"}` otherwise) and `description`: 201 and the merge request (id, iid,
+  project_id, title, description, state "opened", source_branch, target_branch, author, web_url);
+- a second open merge request from the same source branch: 409
+  `{"message": ["Another open merge request already exists for this source branch: !<iid>"]}`.
 
 It runs on 127.0.0.1 in a thread and records every request, so tests can assert what was sent.
 """
@@ -22,6 +28,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlsplit
 
+MERGE_REQUESTS_PATH = re.compile(r"^/api/v4/projects/(?P<project>[^/]+)/merge_requests$")
 NOTES_PATH = re.compile(r"^/api/v4/projects/(?P<project>[^/]+)/merge_requests/(?P<iid>\d+)/notes(?:/(?P<note>\d+))?$")
 
 
@@ -34,6 +41,7 @@ class GitLabState:
     merge_request_iid: str = "7"
     notes: list[dict] = field(default_factory=list)
     requests: list[tuple[str, str]] = field(default_factory=list)  # (method, path with query)
+    merge_requests: list[dict] = field(default_factory=list)  # created through POST .../merge_requests
     next_id: int = 1000
 
     def add_note(self, body: str, author: dict) -> dict:
@@ -82,6 +90,11 @@ def _handler(state: GitLabState):
             url = urlsplit(self.path)
             if method == "GET" and url.path == "/api/v4/user":
                 return self._send(200, state.user)
+            created = MERGE_REQUESTS_PATH.match(url.path)
+            if created and method == "POST":
+                if unquote(created["project"]) not in (state.project_id, state.project_path):
+                    return self._send(404, {"message": "404 Project Not Found"})
+                return self._create_merge_request(self._form())
             match = NOTES_PATH.match(url.path)
             if not match or unquote(match["project"]) not in (state.project_id, state.project_path):
                 return self._send(404, {"message": "404 Project Not Found"})
@@ -104,6 +117,31 @@ def _handler(state: GitLabState):
                 note["updated_at"] = "2026-01-02T00:00:00.000Z"
                 return self._send(200, note)
             return self._send(405, {"message": "405 Method Not Allowed"})
+
+        def _create_merge_request(self, form: dict) -> None:
+            for required in ("source_branch", "target_branch", "title"):
+                if not form.get(required):
+                    return self._send(400, {"message": f"400 Bad request - {required} is missing"})
+            source = form["source_branch"]
+            if other := next((m for m in state.merge_requests if m["source_branch"] == source), None):
+                message = f"Another open merge request already exists for this source branch: !{other['iid']}"
+                return self._send(409, {"message": [message]})
+            iid = int(state.merge_request_iid) + 1 + len(state.merge_requests)
+            state.next_id += 1
+            merge_request = {
+                "id": state.next_id,
+                "iid": iid,
+                "project_id": int(state.project_id),
+                "title": form["title"],
+                "description": form.get("description") or "",
+                "state": "opened",
+                "source_branch": source,
+                "target_branch": form["target_branch"],
+                "author": state.user,
+                "web_url": f"http://gitlab.invalid/{state.project_path}/-/merge_requests/{iid}",
+            }
+            state.merge_requests.append(merge_request)
+            return self._send(201, merge_request)
 
         def _list(self, query: dict[str, list[str]]) -> None:
             per_page = min(int(query.get("per_page", ["20"])[0]), 100)

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from gitlab_api_double import GitLabDouble, GitLabState
 from scratch_project import copy_project, git
 
@@ -196,7 +197,7 @@ def test_ci_file_validates_against_gitlabs_schema_and_a_typo_does_not(check_json
 
 def test_merge_request_pipeline_checks_and_reports_without_gpu_or_deploy(gitlab_ci_local, project):
     listed = jobs(gitlab_ci_local, project, "more-data", MERGE_REQUEST, unset=("CI_COMMIT_BRANCH",))
-    assert listed == {**CHECKS, "mr-report": "on_success", **NO_CANDIDATE, **NEVER_IN_MR}
+    assert listed == {**CHECKS, "mr-report": "on_success", **NO_CANDIDATE, **NEVER_IN_MR, "sweep": "manual"}
 
 
 def test_train_candidate_label_adds_the_gpu_candidate_and_its_report(gitlab_ci_local, project):
@@ -208,6 +209,7 @@ def test_train_candidate_label_adds_the_gpu_candidate_and_its_report(gitlab_ci_l
         "train-candidate": "on_success",
         "candidate-report": "always",  # reports the gate table even when the candidate failed it
         **NEVER_IN_MR,
+        "sweep": "manual",
     }
     by_variable = jobs(
         gitlab_ci_local, project, "more-data", {**MERGE_REQUEST, "TRAIN_CANDIDATE": "true"}, ("CI_COMMIT_BRANCH",)
@@ -227,7 +229,7 @@ def test_fork_merge_request_never_reaches_the_gpu_runner_even_with_the_label(git
         "TRAIN_CANDIDATE": "true",
     }
     listed = jobs(gitlab_ci_local, project, "more-data", fork, unset=("CI_COMMIT_BRANCH",))
-    assert listed == {**CHECKS, "mr-report": "on_success", **NO_CANDIDATE, **NEVER_IN_MR}
+    assert listed == {**CHECKS, "mr-report": "on_success", **NO_CANDIDATE, **NEVER_IN_MR, "sweep": "never"}
 
 
 def test_default_branch_push_checks_retrains_deploys_and_offers_a_manual_rollback(gitlab_ci_local, project):
@@ -240,6 +242,7 @@ def test_default_branch_push_checks_retrains_deploys_and_offers_a_manual_rollbac
         "deploy": "on_success",
         "deploy-tag": "never",
         "rollback": "manual",
+        "sweep": "manual",
     }
 
 
@@ -261,6 +264,38 @@ def test_branch_pushes_start_no_pipeline_of_their_own(gitlab_ci_local, project):
         gitlab_ci_local, project, "more-data", {"CI_PROJECT_ID": PROJECT_ID, "CI_OPEN_MERGE_REQUESTS": "ml/llm!7"}
     )
     assert set(plain.values()) == set(with_open_mr.values()) == {"never"}
+
+
+def test_the_sweep_job_is_manual_on_the_rig_only_on_the_default_branch_and_this_projects_merge_requests(
+    gitlab_ci_local, project
+):
+    fork = {**MERGE_REQUEST, "CI_MERGE_REQUEST_SOURCE_PROJECT_ID": "4242"}
+    whens = {
+        "merge-request": jobs(gitlab_ci_local, project, "more-data", MERGE_REQUEST, ("CI_COMMIT_BRANCH",))["sweep"],
+        "fork": jobs(gitlab_ci_local, project, "more-data", fork, ("CI_COMMIT_BRANCH",))["sweep"],
+        "default-branch": jobs(gitlab_ci_local, project, "main", {"CI_PROJECT_ID": PROJECT_ID})["sweep"],
+        "branch": jobs(gitlab_ci_local, project, "more-data", {"CI_PROJECT_ID": PROJECT_ID})["sweep"],
+        "tag": jobs(
+            gitlab_ci_local,
+            project,
+            "main",
+            {"CI_COMMIT_TAG": "model-v3", "CI_PROJECT_ID": PROJECT_ID},
+            ("CI_COMMIT_BRANCH",),
+        )["sweep"],
+    }
+    assert whens == {
+        "merge-request": "manual",
+        "fork": "never",
+        "default-branch": "manual",
+        "branch": "never",
+        "tag": "never",
+    }
+    # gitlab-ci-local ignores tags and resource_group: read them from the file GitLab reads
+    ci = yaml.safe_load((ROOT / ".gitlab-ci.yml").read_text())
+    job, rig = ci["sweep"], ci[".rig"]
+    assert job["extends"] == ".rig" and rig["tags"] == ["gpu"] and job["resource_group"] == "gpu-rig"
+    assert job["variables"]["SWEEP"] == "sweeps/recipe.yaml" and job["artifacts"]["paths"] == ["reports/sweep/"]
+    assert 'python -m pipeline.sweep run "$SWEEP" $push' in job["script"]
 
 
 @pytest.mark.parametrize(

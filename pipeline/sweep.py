@@ -1,0 +1,302 @@
+"""Parameter sweeps as DVC experiments, ranked by the gate; the winner promoted by merge request.
+
+    python -m pipeline.sweep run sweeps/recipe.yaml     queue one experiment per point, run them one at a time
+    python -m pipeline.sweep show sweeps/recipe.yaml    the experiments ranked by the gate (--md, --json)
+    python -m pipeline.sweep promote recipe-3           branch + push the winner; a merge request with a token
+
+`run` queues `dvc exp run --queue gate -n <sweep>-<i> -S key=value ...` per point (sweep files:
+pipeline/sweep_spec.py), then `dvc queue start -j 1`: one worker, because DVC's queue races with more
+(treeverse/dvc#10562, #10673). The experiments stop at the gate: the modelfile stage refuses a failed
+verdict, and a sweep wants every point's gate numbers. The worker runs each experiment in a temporary
+copy of the repository and inherits `dvc queue start`'s environment, so LLM_GITOPS_GATE_NO_FAIL=1 (set
+here) reaches the gate: a failing gate writes its verdict and metrics and exits 0, and DVC records the
+point. The first point fills DVC's run-cache for the stages no point changes (prepare, base, base_answers).
+
+`promote` is `dvc exp branch` + `git push` + `dvc exp push`; with GITLAB_TOKEN (a project access token,
+`api` scope; GitLab's CI_JOB_TOKEN may not create merge requests), CI_API_V4_URL and CI_PROJECT_ID in the
+environment it opens the merge request through python-gitlab, the sweep's table as its description.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.common import PipelineError, get_logger, run_cli, write_json_atomic, write_text_atomic
+from pipeline.sweep_spec import Outcome, Sweep, as_json, load_sweep, markdown_table, outcome, rank, sweep_experiments
+
+log = get_logger("sweep")
+
+# read by pipeline/gate.py main (an entry point: not importable from here)
+GATE_NO_FAIL = "LLM_GITOPS_GATE_NO_FAIL"
+TOKEN_VARIABLES = ("GITLAB_TOKEN", "GITLAB_REPORT_TOKEN")
+REPORTS = Path("reports/sweep")
+POLL_S = 5.0
+UNFINISHED = ("Queued", "Running")
+TASK_LINE = re.compile(r"^(?P<task>[0-9a-f]{7,})\s+(?P<name>\S+)\s+.*\s(?P<status>\w+)$")
+
+
+def dvc(*args: str, env: dict[str, str] | None = None, check: bool = True) -> str:
+    result = subprocess.run(["dvc", *args], capture_output=True, text=True, env=env)
+    if check and result.returncode != 0:
+        raise PipelineError(f"dvc {' '.join(args)} failed:\n{(result.stdout + result.stderr).strip()[-3000:]}")
+    return result.stdout
+
+
+def git(*args: str) -> str:
+    result = subprocess.run(["git", *args], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise PipelineError(f"git {' '.join(args)} failed:\n{result.stderr.strip()[-2000:]}")
+    return result.stdout
+
+
+@dataclass(frozen=True)
+class Task:
+    """A line of `dvc queue status` (it has no JSON output)."""
+
+    task: str
+    name: str
+    status: str  # Queued | Running | Success | Failed
+
+
+def queue_tasks() -> list[Task]:
+    tasks = []
+    for line in dvc("queue", "status").splitlines():
+        match = TASK_LINE.match(line.strip())
+        if match:
+            tasks.append(Task(match["task"], match["name"], match["status"]))
+    return tasks
+
+
+def shown() -> list[dict]:
+    return json.loads(dvc("exp", "show", "--json") or "[]")
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min" if seconds >= 90 else f"{seconds:.0f} s"
+
+
+def run_sweep(sweep: Sweep, replace: bool) -> list[Task]:
+    """Queue every point, run them one at a time, report progress; the finished tasks of this sweep."""
+    leftover = [t for t in queue_tasks() if t.status in UNFINISHED]
+    if leftover:
+        names = ", ".join(t.name for t in leftover)
+        raise PipelineError(
+            f"the experiment queue already holds {len(leftover)} unfinished task(s) ({names}) from an earlier run; "
+            "they are not run silently: finish them (dvc queue start -j 1) or drop them "
+            "(dvc queue remove --queued; dvc queue kill <name>), then run the sweep again"
+        )
+    names = [sweep.experiment(point) for point in sweep.points]
+    existing = sorted({name for name, _ in sweep_experiments(shown(), sweep.name)} & set(names))
+    if existing and not replace:
+        raise PipelineError(
+            f"experiments {', '.join(existing)} already exist on this commit: "
+            "`python -m pipeline.sweep show` ranks them; --replace removes them and runs the sweep again"
+        )
+    if existing:
+        dvc("exp", "remove", *existing)
+    before = {t.task for t in queue_tasks()}
+    for point in sweep.points:
+        dvc("exp", "run", "--queue", "gate", "-n", sweep.experiment(point), *point.set_args())
+        log.info("queued %s: %s", sweep.experiment(point), point.label())
+    labels = {sweep.experiment(p): p.label() for p in sweep.points}
+    # the worker inherits this environment (see the module docstring), and also the output streams:
+    # a pipe would keep this call waiting until the worker exits, so they go to a file
+    log_file = Path(".dvc/tmp/sweep-queue-start.log")
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with log_file.open("w") as out:
+        command = ["dvc", "queue", "start", "-j", "1"]
+        env = {**os.environ, GATE_NO_FAIL: "1"}
+        if subprocess.run(command, stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env).returncode != 0:
+            raise PipelineError(f"dvc queue start failed:\n{log_file.read_text()[-3000:]}")
+    started = time.monotonic()
+    seen: dict[str, str] = {}
+    durations: list[float] = []
+    mark = started
+    while True:
+        ours = [t for t in queue_tasks() if t.task not in before]
+        for task in ours:
+            if seen.get(task.task) == task.status:
+                continue
+            seen[task.task] = task.status
+            done = sum(t.status not in UNFINISHED for t in ours)
+            if task.status == "Running":
+                mark = time.monotonic()
+                log.info("[%d/%d] %s running (%s)", done + 1, len(names), task.name, labels.get(task.name, ""))
+            elif task.status not in UNFINISHED:
+                durations.append(time.monotonic() - mark)
+                left = len(names) - done
+                eta = f", ETA {_minutes(left * sum(durations) / len(durations))}" if left else ""
+                log.info(
+                    "[%d/%d] %s: %s after %s%s", done, len(names), task.name, task.status, _minutes(durations[-1]), eta
+                )
+        if len(ours) >= len(names) and all(t.status not in UNFINISHED for t in ours):
+            break
+        time.sleep(POLL_S)
+    log.info("sweep %s: %d experiments in %s", sweep.name, len(names), _minutes(time.monotonic() - started))
+    return ours
+
+
+def reasons_of(rev: str) -> list[str]:
+    """Why the gate failed, from the experiment commit's models/gate/verdict.json (git-tracked)."""
+    try:
+        verdict = json.loads(git("show", f"{rev}:models/gate/verdict.json"))
+    except (PipelineError, json.JSONDecodeError):
+        return ["no gate verdict: the experiment failed before the gate"]
+    return list(verdict.get("reasons") or [])
+
+
+def ranked_outcomes(sweep_name: str) -> list[Outcome]:
+    found = sweep_experiments(shown(), sweep_name)
+    if not found:
+        raise PipelineError(f"no experiments named {sweep_name}-<n> on this commit (dvc exp show)")
+    outcomes = []
+    for name, data in found:
+        gate = ((data.get("metrics") or {}).get("metrics/gate.json") or {}).get("data") or {}
+        outcomes.append(outcome(name, data, [] if gate.get("passed") else reasons_of(data.get("rev", ""))))
+    return rank(outcomes)
+
+
+def plot(ranked: list[Outcome], sweep_name: str, out: Path) -> None:
+    """Learn score against forgetting, one labelled point per experiment (green passed, red failed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on CI runners
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 5))
+    for place, o in enumerate(ranked, 1):
+        x, y = o.forgetting if o.forgetting is not None else 0.0, o.learn if o.learn is not None else 0.0
+        axes.scatter([x], [y], color="tab:green" if o.passed else "tab:red", s=40, zorder=2)
+        axes.annotate(f"{place}. {o.name}", (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    axes.set_xlabel("forgetting (NLL rise on the base's own answers, nats/token)")
+    axes.set_ylabel("learn score")
+    axes.set_title(f"sweep {sweep_name}: green passed the gate, red failed")
+    axes.grid(True, alpha=0.3)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, dpi=100, bbox_inches="tight")
+    plt.close(figure)
+
+
+def sweep_name_of(argument: str) -> str:
+    """A sweep file's name (its `name:` or stem), or the argument itself when it is not a file."""
+    path = Path(argument)
+    return load_sweep(path).name if path.is_file() else argument
+
+
+def write_reports(ranked: list[Outcome], sweep_name: str) -> str:
+    table = markdown_table(ranked, sweep_name)
+    write_text_atomic(REPORTS / f"{sweep_name}.md", table)
+    write_json_atomic(REPORTS / f"{sweep_name}.json", as_json(ranked))
+    plot(ranked, sweep_name, REPORTS / f"{sweep_name}.png")
+    return table
+
+
+def gitlab_settings(env: dict[str, str]) -> tuple[str, str, str] | None:
+    """(server URL, project id, token) from the job's environment, or None without a token."""
+    token = next((env[name] for name in TOKEN_VARIABLES if env.get(name)), "")
+    api, project = env.get("CI_API_V4_URL", ""), env.get("CI_PROJECT_ID", "")
+    if not (token and api and project):
+        return None
+    return re.sub(r"/api/v4/?$", "", api), project, token
+
+
+def open_merge_request(settings: tuple[str, str, str], branch: str, target: str, title: str, body: str) -> str:
+    import gitlab
+
+    url, project_id, token = settings
+    client = gitlab.Gitlab(url, private_token=token, timeout=30)
+    try:
+        project = client.projects.get(project_id, lazy=True)
+        created = project.mergerequests.create(
+            {"source_branch": branch, "target_branch": target, "title": title, "description": body}
+        )
+    except gitlab.GitlabError as error:
+        message = f"GitLab refused the merge request: HTTP {error.response_code}: {error.error_message}"
+        raise PipelineError(message) from None
+    return created.web_url
+
+
+def default_branch(remote: str) -> str:
+    try:
+        return git("symbolic-ref", "--short", f"refs/remotes/{remote}/HEAD").strip().split("/", 1)[1]
+    except PipelineError:
+        return "main"
+
+
+def promote(experiment: str, branch: str | None, remote: str, target: str | None, push: bool) -> str:
+    match = re.match(r"^(?P<sweep>.+)-\d+$", experiment)
+    branch = branch or f"sweep/{experiment}"
+    dvc("exp", "branch", experiment, branch)
+    log.info("branch %s: params.yaml and dvc.lock of %s", branch, experiment)
+    if not push:
+        return branch
+    git("push", remote, f"refs/heads/{branch}:refs/heads/{branch}")
+    dvc("exp", "push", remote, experiment)  # the experiment (and its cached outputs) outlive this machine
+    log.info("pushed %s and experiment %s to %s", branch, experiment, remote)
+    settings = gitlab_settings(dict(os.environ))
+    if settings is None:
+        log.info("no %s (or CI_API_V4_URL, CI_PROJECT_ID): no merge request opened", "/".join(TOKEN_VARIABLES))
+        return branch
+    table = write_reports(ranked_outcomes(match["sweep"]), match["sweep"]) if match else ""
+    body = f"Promotes experiment `{experiment}` of a parameter sweep (`python -m pipeline.sweep`).\n\n{table}"
+    url = open_merge_request(settings, branch, target or default_branch(remote), f"Sweep: {experiment}", body)
+    log.info("merge request: %s", url)
+    return branch
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.sweep", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="queue one experiment per point and run them one at a time")
+    run.add_argument("sweep", type=Path, help="a sweep file, e.g. sweeps/recipe.yaml")
+    run.add_argument("--replace", action="store_true", help="remove this sweep's experiments on this commit first")
+    run.add_argument("--check", action="store_true", help="only validate the sweep file and list its points")
+    run.add_argument("--push", metavar="REMOTE", help="then `dvc exp push` the experiments to this git remote")
+    show = commands.add_parser("show", help="the sweep's experiments ranked by the gate")
+    show.add_argument("sweep", help="a sweep file or a sweep name")
+    form = show.add_mutually_exclusive_group()
+    form.add_argument("--md", action="store_true", help="Markdown table on stdout (default)")
+    form.add_argument("--json", action="store_true", help="JSON on stdout")
+    up = commands.add_parser("promote", help="branch and push an experiment; open a merge request with a token")
+    up.add_argument("experiment", help="the experiment's name, e.g. recipe-3")
+    up.add_argument("--branch", help="the git branch (default: sweep/<experiment>)")
+    up.add_argument("--remote", default="origin", help="git remote for the branch and the experiment (default: origin)")
+    up.add_argument("--target", help="the merge request's target branch (default: the remote's HEAD, else main)")
+    up.add_argument("--no-push", action="store_true", help="only create the branch")
+    args = parser.parse_args(argv)
+
+    if args.command == "run":
+        sweep = load_sweep(args.sweep)
+        for point in sweep.points:
+            log.info("%s: %s", sweep.experiment(point), point.label())
+        if args.check:
+            return
+        tasks = run_sweep(sweep, args.replace)
+        table = write_reports(ranked_outcomes(sweep.name), sweep.name)
+        print(table)
+        finished = [t.name for t in tasks if t.status == "Success"]
+        if args.push and finished:
+            dvc("exp", "push", args.push, *finished)  # git refs and the DVC-cached outputs (default remote)
+            log.info("pushed %d experiments to %s", len(finished), args.push)
+        failed = [t.name for t in tasks if t.status != "Success"]
+        if failed:
+            raise PipelineError(f"experiments that did not finish: {', '.join(failed)} (dvc queue logs <name>)")
+    elif args.command == "show":
+        name = sweep_name_of(args.sweep)
+        ranked = ranked_outcomes(name)
+        table = write_reports(ranked, name)
+        print(json.dumps(as_json(ranked), indent=2) if args.json else table)
+    else:
+        promote(args.experiment, args.branch, args.remote, args.target, not args.no_push)
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

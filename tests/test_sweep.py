@@ -1,0 +1,172 @@
+"""Sweep files and the gate's ranking, without running DVC (tests/test_sweep_dvc.py runs real experiments)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.common import PipelineError
+from pipeline.sweep import gitlab_settings
+from pipeline.sweep_spec import load_sweep, markdown_table, outcome, parse_sweep, rank, sweep_experiments
+
+ROOT = Path(__file__).resolve().parent.parent
+PARAMS = (ROOT / "params.yaml").read_text()
+
+
+def errors_of(text: str) -> list[str]:
+    with pytest.raises(PipelineError) as caught:
+        parse_sweep(text, PARAMS, "sweeps/x.yaml", "x")
+    return [line.strip() for line in str(caught.value).splitlines()[1:]]
+
+
+def test_the_example_recipe_sweep_is_a_2x2_grid_of_four_points_in_file_order():
+    sweep = load_sweep(ROOT / "sweeps" / "recipe.yaml", ROOT / "params.yaml")
+    assert sweep.name == "recipe" and sweep.max_points == 4
+    assert [sweep.experiment(p) for p in sweep.points] == ["recipe-1", "recipe-2", "recipe-3", "recipe-4"]
+    assert [p.overrides for p in sweep.points] == [
+        {"train.replay": 0.5, "train.max_steps": 42},
+        {"train.replay": 0.5, "train.max_steps": 60},
+        {"train.replay": 1.0, "train.max_steps": 42},
+        {"train.replay": 1.0, "train.max_steps": 60},
+    ]
+    assert sweep.points[0].set_args() == ["-S", "train.replay=0.5", "-S", "train.max_steps=42"]
+
+
+def test_grid_points_come_first_then_the_listed_points_with_hydra_style_overrides():
+    text = "grid:\n  train.lora.r: [8, 16]\npoints:\n"
+    text += "  - {train.learning_rate: 3.0e-4, train.lora.target_modules: [q_proj]}\n"
+    sweep = parse_sweep(text, PARAMS, "sweeps/x.yaml", "x")
+    assert [p.overrides for p in sweep.points] == [
+        {"train.lora.r": 8},
+        {"train.lora.r": 16},
+        {"train.learning_rate": 3.0e-4, "train.lora.target_modules": ["q_proj"]},
+    ]
+    assert sweep.points[2].set_args() == [
+        "-S",
+        "train.learning_rate=0.0003",
+        "-S",
+        "train.lora.target_modules=['q_proj']",
+    ]
+    assert sweep.keys == ["train.lora.r", "train.learning_rate", "train.lora.target_modules"]
+
+
+def test_an_unknown_key_names_its_line_and_the_known_keys():
+    assert errors_of("grid:\n  train.lora.r: [8]\n  train.learning_rat: [1.0e-3]\n  trian.seed: [1]\n") == [
+        "sweeps/x.yaml:3: train.learning_rat: unknown key (known: seed, epochs, max_steps, replay, neftune_alpha, "
+        "batch_size, grad_accum, learning_rate, scheduler, warmup_ratio, weight_decay, max_grad_norm, lora, qlora, "
+        "pad_token, gradient_checkpointing, bf16, padding_free, attention, packing, optimizer, liger, "
+        "num_processes, checkpoint_steps, early_stopping_patience, logging_steps, cpu_threads)",
+        "sweeps/x.yaml:4: trian.seed: unknown key (known: data, base, base_answers, train, merge, convert, quantize, "
+        "gate, modelfile, deploy)",
+    ]
+
+
+def test_wrong_types_and_impossible_values_are_params_yaml_errors_at_the_values_line():
+    text = "grid:\n  train.lora.r:\n    - 8\n    - sixteen\n  train.max_steps: [0, 42]\n"
+    text += "points:\n  - {train.learning_rate: 1e-3}\n"
+    assert errors_of(text) == [
+        "sweeps/x.yaml:4: train.lora.r: expected an integer, got 'sixteen'",
+        "sweeps/x.yaml:5: train.max_steps: must be -1 or > 0, got 0",
+        "sweeps/x.yaml:7: train.learning_rate: expected a number, got '1e-3'"
+        " (YAML reads 1e-3 as a string: write 1.0e-3)",
+    ]
+
+
+def test_an_empty_grid_a_value_that_is_no_list_and_a_section_are_refused():
+    assert errors_of("grid: {}\n") == ["sweeps/x.yaml:1: grid: empty grid: map params.yaml keys to lists of values"]
+    assert errors_of("grid:\n  train.replay: []\n  train.seed: 7\n  train.lora: [8]\n") == [
+        "sweeps/x.yaml:2: train.replay: empty list: a grid key needs at least one value",
+        "sweeps/x.yaml:3: train.seed: expected a list of values, got 7",
+        "sweeps/x.yaml:4: train.lora: expected a mapping of keys",
+    ]
+    assert errors_of("name: recipe\n") == ["sweeps/x.yaml:1: (top level): no grid and no points: nothing to run"]
+
+
+def test_more_points_than_max_points_and_unknown_top_level_keys_are_refused():
+    text = "max_points: 3\ngrid:\n  train.replay: [0.5, 1.0]\n  train.max_steps: [42, 60]\nmax_point: 2\n"
+    assert errors_of(text) == [
+        "sweeps/x.yaml:1: max_points: the sweep has 4 points, more than 3",
+        "sweeps/x.yaml:5: max_point: unknown key (known: name, max_points, grid, points)",
+    ]
+    assert errors_of("name: two words\ngrid:\n  train.seed: [1]\n") == [
+        "sweeps/x.yaml:1: name: must be letters, digits, '.', '_' or '-' (an experiment name), got 'two words'"
+    ]
+
+
+def test_the_cli_reports_a_bad_sweep_file_before_running_anything(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("grid:\n  train.replay: [-1.0]\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.sweep", "run", str(bad)], cwd=ROOT, capture_output=True, text=True
+    )
+    assert result.returncode == 1
+    assert result.stderr == f"error: invalid sweep:\n  {bad}:2: train.replay: must be >= 0, got -1.0\n"
+
+
+def experiment(name: str, passed: bool, learn: float, forgetting: float, keep: float, ship: str | None) -> dict:
+    """One entry of `dvc exp show --json`'s experiments, as DVC 3 writes it."""
+    data = {
+        "rev": f"rev-{name}",
+        "params": {"params.yaml": {"data": {"train": {"max_steps": 42, "replay": learn}, "gate": {"seed": 42}}}},
+        "metrics": {
+            "metrics/gate.json": {
+                "data": {
+                    "passed": passed,
+                    "ship": ship,
+                    "learn": {"before": 0.0, "merged": learn, "q4_k_m": learn},
+                    "keep": {"before": 0.9, "merged": keep, "q4_k_m": keep},
+                    "forgetting": {"merged": forgetting, "q4_k_m": forgetting},
+                }
+            },
+            "metrics/train.json": {"data": {"runtime_s": 12.5, "steps": 42}},
+            "metrics/convert.json": {"data": {"outtype": "f16", "bytes": 2_000_000}},
+            "metrics/quantize/q4_k_m.json": {"data": {"bytes": 700_000}},
+        },
+    }
+    return {"revs": [{"rev": data["rev"], "name": name, "data": data}], "name": name}
+
+
+SHOWN = [
+    {"rev": "workspace", "name": None, "data": {}, "experiments": None},
+    {
+        "rev": "abc",
+        "name": "main",
+        "experiments": [
+            experiment("s-1", False, 0.9, 0.01, 0.9, None),
+            experiment("s-2", True, 0.8, 0.20, 0.9, "q4_k_m"),
+            experiment("s-3", True, 0.8, 0.10, 0.9, "q4_k_m"),
+            experiment("s-4", True, 0.9, 0.30, 0.5, "q4_k_m"),
+            experiment("other-1", True, 1.0, 0.0, 1.0, "q4_k_m"),
+        ],
+    },
+]
+
+
+def test_ranking_puts_passed_first_then_learn_then_forgetting_and_failed_last_with_its_reason():
+    found = sweep_experiments(SHOWN, "s")
+    assert [name for name, _ in found] == ["s-1", "s-2", "s-3", "s-4"]  # not other-1
+    outcomes = [outcome(name, data, [] if name != "s-1" else ["no GGUF passed the gate"]) for name, data in found]
+    ranked = rank(outcomes)
+    assert [o.name for o in ranked] == ["s-4", "s-3", "s-2", "s-1"]
+    assert ranked[0].gguf_bytes == 700_000 and ranked[0].runtime_s == 12.5
+    assert ranked[-1].reasons == ["no GGUF passed the gate"] and ranked[-1].learn == 0.9  # the merged model's
+    table = markdown_table(ranked, "s")
+    assert "| `train.replay` |" in table and "`train.max_steps`" not in table  # only the params that differ
+    assert "| 1 | `s-4` | 0.9 | passed | q4_k_m | 0.900 | 0.500 | 0.300 | 0.7 | 12.5 | 42 |" in table
+    assert "| 4 | `s-1` | 0.9 | failed: no GGUF passed the gate | – | 0.900 | 0.900 | 0.010 | – | 12.5 | 42 |" in table
+
+
+def test_equal_gate_numbers_rank_by_name_so_the_order_never_depends_on_dvc():
+    found = [(n, d) for n, d in sweep_experiments(SHOWN, "s") if n in ("s-2", "s-3")]
+    same = [outcome(name, {**data, "metrics": found[0][1]["metrics"]}, []) for name, data in reversed(found)]
+    assert [o.name for o in rank(same)] == ["s-2", "s-3"]
+
+
+def test_the_merge_request_needs_a_token_the_api_url_and_the_project():
+    env = {"CI_API_V4_URL": "https://gitlab.example.com/api/v4", "CI_PROJECT_ID": "42"}
+    assert gitlab_settings(env) is None
+    assert gitlab_settings({**env, "GITLAB_TOKEN": "t"}) == ("https://gitlab.example.com", "42", "t")
+    assert gitlab_settings({**env, "GITLAB_REPORT_TOKEN": "r"}) == ("https://gitlab.example.com", "42", "r")
