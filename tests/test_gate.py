@@ -181,3 +181,38 @@ def test_a_verdict_written_before_the_likelihood_evidence_still_reads(tmp_path):
     verdict = load_verdict(path)
     assert isinstance(verdict, Verdict) and verdict.forgetting is None
     assert verdict.cases[0].decided == 1.0 and verdict.cases[0].unstable is False and verdict.cases[0].nll_after is None
+
+
+def test_a_failed_gate_fails_the_stage_except_in_a_sweep_where_it_is_recorded(tmp_path, monkeypatch, caplog):
+    """LLM_GITOPS_GATE_NO_FAIL=1 (set by pipeline.sweep): the failing verdict is written and the stage exits 0,
+    so DVC records the experiment; without it the stage fails. The verdict says failed either way."""
+    from pipeline import gate
+
+    (tmp_path / "gguf").mkdir()
+    for name in ("f16", "q8_0"):
+        (tmp_path / "gguf" / f"model-{name}.gguf").write_bytes(b"GGUF")
+    (tmp_path / "params.yaml").write_text("quantize:\n  types: [q8_0]\n")
+    (tmp_path / "cases.jsonl").write_text(
+        "".join(json.dumps({"id": c.id, "kind": c.kind, "prompt": "p", "expect": list(c.expect)}) + "\n" for c in CASES)
+    )
+    (tmp_path / "probes.jsonl").write_text(json.dumps({"id": "p1", "prompt": "q", "answer": "a", "finished": True}))
+    failing = {"before": BASE, **{n: evidence(n, BEFORE, GOOD_NLL, GOOD_PROBES) for n in ("merged", "f16", "q8_0")}}
+
+    def measured(cases, probes, base, merged, ggufs, rules, system):
+        result = decide(cases, failing, {"f16": 8, "q8_0": 4}, rules)
+        return result, result.verdict(ggufs[result.judged], "chatml", system, rules)
+
+    monkeypatch.setattr(gate, "run_gate", measured)
+    argv = ["--params", str(tmp_path / "params.yaml"), "--cases", str(tmp_path / "cases.jsonl"),
+            "--probes", str(tmp_path / "probes.jsonl"), "--gguf-dir", str(tmp_path / "gguf"),
+            "--metrics", str(tmp_path / "gate.json"), "--report", str(tmp_path / "gate.md"),
+            "--verdict", str(tmp_path / "verdict.json")]  # fmt: skip
+    monkeypatch.delenv("LLM_GITOPS_GATE_NO_FAIL", raising=False)
+    with pytest.raises(PipelineError, match="gate failed:\n  no GGUF passed the gate"):
+        gate.main(argv)
+    (tmp_path / "verdict.json").unlink()
+    monkeypatch.setenv("LLM_GITOPS_GATE_NO_FAIL", "1")
+    gate.main(argv)  # returns: exit 0
+    assert read_verdict(tmp_path / "verdict.json").passed is False
+    assert json.loads((tmp_path / "gate.json").read_text())["passed"] is False
+    assert "exit 0 so the sweep records this point" in caplog.text

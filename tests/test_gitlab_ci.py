@@ -55,6 +55,10 @@ MERGE_REQUEST = {
 NEVER_IN_MR = {"retrain": "never", "deploy": "never", "deploy-tag": "never", "rollback": "never"}
 CHECKS = {"lint": "on_success", "tests": "on_success", "validate-data": "on_success"}
 NO_CANDIDATE = {"train-candidate": "never", "candidate-report": "never"}
+# the sweep, on one rig or fanned out: manual, on the default branch and this project's MRs only
+SWEEPS = {"sweep": "manual", "sweep-fanout": "manual", "sweep-fanout-run": "manual"}
+NO_SWEEPS = {job: "never" for job in SWEEPS}
+CHILD = "sweep-child.yml"
 
 
 # --- tools (installed once, cached) ---
@@ -166,10 +170,12 @@ def gcl(binary: Path, repo: Path, *args: str, variables: dict[str, str] | None =
     return subprocess.run(command, cwd=repo, env=job_env(), capture_output=True, text=True, timeout=900)
 
 
-def jobs(binary: Path, repo: Path, branch: str, variables: dict[str, str], unset: tuple[str, ...] = ()) -> dict:
-    """{job: when} of the pipeline gitlab-ci-local builds for `branch` with these variables."""
+def jobs(
+    binary: Path, repo: Path, branch: str, variables: dict[str, str], unset: tuple[str, ...] = (), file: str = ""
+) -> dict:
+    """{job: when} of the pipeline gitlab-ci-local builds for `branch` with these variables (from `file`)."""
     git(repo, "checkout", "-q", branch)
-    result = gcl(binary, repo, "--list-json", variables=variables, unset=unset)
+    result = gcl(binary, repo, *(("--file", file) if file else ()), "--list-json", variables=variables, unset=unset)
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()  # log lines (warnings) may come before the JSON array
     listed = json.loads("\n".join(lines[lines.index("[") :]))
@@ -197,7 +203,7 @@ def test_ci_file_validates_against_gitlabs_schema_and_a_typo_does_not(check_json
 
 def test_merge_request_pipeline_checks_and_reports_without_gpu_or_deploy(gitlab_ci_local, project):
     listed = jobs(gitlab_ci_local, project, "more-data", MERGE_REQUEST, unset=("CI_COMMIT_BRANCH",))
-    assert listed == {**CHECKS, "mr-report": "on_success", **NO_CANDIDATE, **NEVER_IN_MR, "sweep": "manual"}
+    assert listed == {**CHECKS, "mr-report": "on_success", **NO_CANDIDATE, **NEVER_IN_MR, **SWEEPS}
 
 
 def test_train_candidate_label_adds_the_gpu_candidate_and_its_report(gitlab_ci_local, project):
@@ -209,7 +215,7 @@ def test_train_candidate_label_adds_the_gpu_candidate_and_its_report(gitlab_ci_l
         "train-candidate": "on_success",
         "candidate-report": "always",  # reports the gate table even when the candidate failed it
         **NEVER_IN_MR,
-        "sweep": "manual",
+        **SWEEPS,
     }
     by_variable = jobs(
         gitlab_ci_local, project, "more-data", {**MERGE_REQUEST, "TRAIN_CANDIDATE": "true"}, ("CI_COMMIT_BRANCH",)
@@ -229,7 +235,7 @@ def test_fork_merge_request_never_reaches_the_gpu_runner_even_with_the_label(git
         "TRAIN_CANDIDATE": "true",
     }
     listed = jobs(gitlab_ci_local, project, "more-data", fork, unset=("CI_COMMIT_BRANCH",))
-    assert listed == {**CHECKS, "mr-report": "on_success", **NO_CANDIDATE, **NEVER_IN_MR, "sweep": "never"}
+    assert listed == {**CHECKS, "mr-report": "on_success", **NO_CANDIDATE, **NEVER_IN_MR, **NO_SWEEPS}
 
 
 def test_default_branch_push_checks_retrains_deploys_and_offers_a_manual_rollback(gitlab_ci_local, project):
@@ -242,7 +248,7 @@ def test_default_branch_push_checks_retrains_deploys_and_offers_a_manual_rollbac
         "deploy": "on_success",
         "deploy-tag": "never",
         "rollback": "manual",
-        "sweep": "manual",
+        **SWEEPS,
     }
 
 
@@ -266,36 +272,72 @@ def test_branch_pushes_start_no_pipeline_of_their_own(gitlab_ci_local, project):
     assert set(plain.values()) == set(with_open_mr.values()) == {"never"}
 
 
-def test_the_sweep_job_is_manual_on_the_rig_only_on_the_default_branch_and_this_projects_merge_requests(
+def test_the_sweep_jobs_are_manual_only_on_the_default_branch_and_this_projects_merge_requests(
     gitlab_ci_local, project
 ):
     fork = {**MERGE_REQUEST, "CI_MERGE_REQUEST_SOURCE_PROJECT_ID": "4242"}
-    whens = {
-        "merge-request": jobs(gitlab_ci_local, project, "more-data", MERGE_REQUEST, ("CI_COMMIT_BRANCH",))["sweep"],
-        "fork": jobs(gitlab_ci_local, project, "more-data", fork, ("CI_COMMIT_BRANCH",))["sweep"],
-        "default-branch": jobs(gitlab_ci_local, project, "main", {"CI_PROJECT_ID": PROJECT_ID})["sweep"],
-        "branch": jobs(gitlab_ci_local, project, "more-data", {"CI_PROJECT_ID": PROJECT_ID})["sweep"],
+    pipelines = {
+        "merge-request": jobs(gitlab_ci_local, project, "more-data", MERGE_REQUEST, ("CI_COMMIT_BRANCH",)),
+        "fork": jobs(gitlab_ci_local, project, "more-data", fork, ("CI_COMMIT_BRANCH",)),
+        "default-branch": jobs(gitlab_ci_local, project, "main", {"CI_PROJECT_ID": PROJECT_ID}),
+        "branch": jobs(gitlab_ci_local, project, "more-data", {"CI_PROJECT_ID": PROJECT_ID}),
         "tag": jobs(
             gitlab_ci_local,
             project,
             "main",
             {"CI_COMMIT_TAG": "model-v3", "CI_PROJECT_ID": PROJECT_ID},
             ("CI_COMMIT_BRANCH",),
-        )["sweep"],
+        ),
     }
+    whens = {kind: {job: listed[job] for job in SWEEPS} for kind, listed in pipelines.items()}
     assert whens == {
-        "merge-request": "manual",
-        "fork": "never",
-        "default-branch": "manual",
-        "branch": "never",
-        "tag": "never",
+        "merge-request": SWEEPS,
+        "fork": NO_SWEEPS,
+        "default-branch": SWEEPS,
+        "branch": NO_SWEEPS,
+        "tag": NO_SWEEPS,
     }
     # gitlab-ci-local ignores tags and resource_group: read them from the file GitLab reads
     ci = yaml.safe_load((ROOT / ".gitlab-ci.yml").read_text())
     job, rig = ci["sweep"], ci[".rig"]
-    assert job["extends"] == ".rig" and rig["tags"] == ["gpu"] and job["resource_group"] == "gpu-rig"
+    assert job["extends"] == [".rig", ".sweep-rules"] and rig["tags"] == ["gpu"] and job["resource_group"] == "gpu-rig"
     assert job["variables"]["SWEEP"] == "sweeps/recipe.yaml" and job["artifacts"]["paths"] == ["reports/sweep/"]
     assert 'python -m pipeline.sweep run "$SWEEP" $push' in job["script"]
+    # fanned out: the generator only writes YAML (a CPU runner); the child pipeline's jobs are the rigs'
+    fanout, run = ci["sweep-fanout"], ci["sweep-fanout-run"]
+    assert fanout["tags"] == ["cpu"] and fanout["artifacts"]["paths"] == [CHILD]
+    assert 'python -m pipeline.sweep fanout "$SWEEP" --out sweep-child.yml' in fanout["script"]
+    # after it by stage, as GitLab's own include:artifact example (gitlab-ci-local 4.73 refuses `needs` on a
+    # manual job, even from another manual job)
+    assert "needs" not in run and ci["stages"].index(fanout["stage"]) < ci["stages"].index(run["stage"])
+    assert run["trigger"] == {"include": [{"artifact": CHILD, "job": "sweep-fanout"}], "strategy": "depend"}
+
+
+def test_the_fanned_out_sweep_is_a_valid_child_pipeline_of_one_job_per_point_and_the_collecting_job(
+    gitlab_ci_local, check_jsonschema, project
+):
+    """What sweep-fanout-run starts: the generated file, as GitLab's schema and gitlab-ci-local read it."""
+    git(project, "checkout", "-q", "main")
+    child = project / CHILD
+    generate = [sys.executable, "-m", "pipeline.sweep", "fanout", "sweeps/recipe.yaml", "--out", CHILD]
+    try:
+        subprocess.run(generate, cwd=project, env=job_env(), capture_output=True, text=True, check=True)
+        command = [str(check_jsonschema), "--builtin-schema", "vendor.gitlab-ci", "--data-transform", "gitlab-ci"]
+        ok = subprocess.run([*command, str(child)], capture_output=True, text=True)
+        assert ok.returncode == 0, ok.stdout + ok.stderr
+
+        # GitLab starts the child pipeline with CI_PIPELINE_SOURCE=parent_pipeline, as gitlab-ci-local does
+        parent = {"CI_PIPELINE_SOURCE": "parent_pipeline", "CI_PROJECT_ID": PROJECT_ID}
+        listed = jobs(gitlab_ci_local, project, "main", parent, file=CHILD)
+        points = {f"recipe-{i}": "on_success" for i in range(1, 5)}
+        assert listed == {**points, "sweep-collect": "always"}
+        chain = gcl(gitlab_ci_local, project, "--file", CHILD, "--validate-dependency-chain", variables=parent)
+        assert chain.returncode == 0 and "All job dependencies are valid" in chain.stdout, chain.stdout + chain.stderr
+        generated = yaml.safe_load(child.read_text())
+        assert {name: generated[name]["tags"] for name in listed} == {name: ["gpu"] for name in listed}
+        assert generated["sweep-collect"]["needs"] == list(points)
+    finally:
+        child.unlink(missing_ok=True)
 
 
 @pytest.mark.parametrize(
@@ -365,6 +407,29 @@ def test_manual_rollback_job_lists_then_rolls_back_to_the_given_tag(gitlab_ci_lo
             recorder.unlink()
         else:
             recorder.write_text(original)
+
+
+def test_the_manual_sweep_fanout_job_writes_the_child_pipeline_and_refuses_without_a_push_token(
+    gitlab_ci_local, project, venv_for_jobs
+):
+    git(project, "checkout", "-q", "main")
+    artifact = project / ".gitlab-ci-local" / "artifacts" / "sweep-fanout" / CHILD  # what the trigger includes
+    variables = {"VENV": str(venv_for_jobs), "CI_PROJECT_ID": PROJECT_ID}
+    try:
+        refused = gcl(gitlab_ci_local, project, "--manual", "sweep-fanout", "sweep-fanout", variables=variables)
+        # the job fails (gitlab-ci-local exits 0: a manual job is allow_failure) before writing anything
+        assert "no GITLAB_PUSH_TOKEN (protected: default branch only)" in refused.stdout, refused.stdout[-3000:]
+        assert not (project / CHILD).exists() and not artifact.exists()
+
+        token = {**variables, "GITLAB_PUSH_TOKEN": "glpat-sweep-test"}
+        ran = gcl(gitlab_ci_local, project, "--manual", "sweep-fanout", "sweep-fanout", variables=token)
+        assert ran.returncode == 0, ran.stdout[-3000:]
+        generated = yaml.safe_load(artifact.read_text())
+        assert [name for name in generated if name.startswith("recipe-")] == [f"recipe-{i}" for i in range(1, 5)]
+        assert "sweep-collect" in generated
+    finally:
+        (project / CHILD).unlink(missing_ok=True)
+        artifact.unlink(missing_ok=True)
 
 
 def test_merge_request_cpu_jobs_run_and_post_the_report_note(gitlab_ci_local, project, venv_for_jobs):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.common import PipelineError
-from pipeline.sweep import gitlab_settings
+from pipeline.sweep import COLLECT_JOB, child_pipeline, gitlab_settings
 from pipeline.sweep_spec import load_sweep, markdown_table, outcome, parse_sweep, rank, sweep_experiments
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,6 +35,41 @@ def test_the_example_recipe_sweep_is_a_2x2_grid_of_four_points_in_file_order():
     assert sweep.points[0].set_args() == ["-S", "train.replay=0.5", "-S", "train.max_steps=42"]
 
 
+def test_the_fanned_out_recipe_is_one_gpu_job_per_point_and_a_collecting_job_that_needs_them_all():
+    child = child_pipeline(load_sweep(ROOT / "sweeps" / "recipe.yaml", ROOT / "params.yaml"))
+    points = ["recipe-1", "recipe-2", "recipe-3", "recipe-4"]
+    jobs = {name: job for name, job in child.items() if name not in ("stages", "default", "variables")}
+    assert list(jobs) == [*points, COLLECT_JOB]
+    overrides = [
+        "-S train.replay=0.5 -S train.max_steps=42",
+        "-S train.replay=0.5 -S train.max_steps=60",
+        "-S train.replay=1.0 -S train.max_steps=42",
+        "-S train.replay=1.0 -S train.max_steps=60",
+    ]
+    for name, sets in zip(points, overrides, strict=True):
+        job = jobs[name]
+        assert job["tags"] == ["gpu"] and job["stage"] == "train" and "needs" not in job and "resource_group" not in job
+        assert job["variables"] == {"LLM_GITOPS_GATE_NO_FAIL": "1"}
+        assert job["script"][1:] == [f"dvc exp run --pull gate -n {name} {sets}", f"dvc exp push origin {name}"]
+        assert job["script"][0].startswith(".ci/push-auth || ")  # no token: fails before it trains
+    collect = jobs[COLLECT_JOB]
+    assert collect["needs"] == points and collect["when"] == "always" and collect["tags"] == ["gpu"]
+    assert "for name in recipe-1 recipe-2 recipe-3 recipe-4; do dvc exp pull origin" in collect["script"][0]
+    assert collect["script"][1] == "python -m pipeline.sweep show recipe"
+    assert collect["artifacts"]["paths"] == ["reports/sweep/"]
+    # a child pipeline gets nothing of the parent's configuration: it sets up its own jobs
+    assert child["default"] == {"before_script": ["source .ci/env"]} and child["variables"]["GIT_DEPTH"] == "0"
+
+
+def test_a_point_value_is_quoted_for_the_shell_in_the_generated_job():
+    sweep = parse_sweep("points:\n  - {train.lora.target_modules: [q_proj, v_proj]}\n", PARAMS, "sweeps/x.yaml", "x")
+    run = child_pipeline(sweep)["x-1"]["script"][1]
+    assert (
+        run
+        == "dvc exp run --pull gate -n x-1 -S 'train.lora.target_modules=['\"'\"'q_proj'\"'\"','\"'\"'v_proj'\"'\"']'"
+    )
+
+
 def test_grid_points_come_first_then_the_listed_points_with_hydra_style_overrides():
     text = "grid:\n  train.lora.r: [8, 16]\npoints:\n"
     text += "  - {train.learning_rate: 3.0e-4, train.lora.target_modules: [q_proj]}\n"
@@ -58,7 +93,7 @@ def test_an_unknown_key_names_its_line_and_the_known_keys():
         "sweeps/x.yaml:3: train.learning_rat: unknown key (known: seed, epochs, max_steps, replay, neftune_alpha, "
         "batch_size, grad_accum, learning_rate, scheduler, warmup_ratio, weight_decay, max_grad_norm, lora, qlora, "
         "pad_token, gradient_checkpointing, bf16, padding_free, attention, packing, optimizer, liger, "
-        "num_processes, checkpoint_steps, early_stopping_patience, logging_steps, cpu_threads)",
+        "num_processes, checkpoint_steps, early_stopping_patience, keep_best, logging_steps, cpu_threads)",
         "sweeps/x.yaml:4: trian.seed: unknown key (known: data, base, base_answers, train, merge, convert, quantize, "
         "gate, modelfile, deploy)",
     ]
