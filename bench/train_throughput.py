@@ -114,7 +114,7 @@ def worker(config: str, model_dir: Path, args: argparse.Namespace) -> dict:
             trainer = trl_defaults(model_dir, rows, train, device, Path(out))
         else:
             data = DataParams(max_seq_length=args.seq_len)
-            trainer, *_ = build_trainer(model_dir, rows, rows[:1], train, data, Path(out), device)
+            trainer = build_trainer(model_dir, rows, rows[:1], train, data, Path(out), device).trainer
         trainer.args.eval_strategy = "no"
         trainer.args.save_strategy = "no"
         marks: list[tuple[float, float]] = []

@@ -34,7 +34,7 @@ from pipeline.common import (
     write_json_atomic,
     write_text_atomic,
 )
-from pipeline.params import DataParams, TrainParams, load_params
+from pipeline.params import DataParams, Params, TrainParams, load_params
 from pipeline.vocab import check_vocab_consistency, ensure_pad_token, save_tokenizer
 
 PARAMS = ("train", "data.max_seq_length")
@@ -230,6 +230,17 @@ def step_budget(train: TrainParams, conversations: int) -> int:
     return min(train.max_steps, train.epochs * steps_per_epoch)
 
 
+@dataclass
+class TrainingSetup:
+    """Everything train needs but .train(): the trainer and what saving its adapter needs afterwards."""
+
+    trainer: object  # trl.SFTTrainer
+    tokenizer: object
+    shipped_template: str  # the serving chat template (training runs on a variant with generation marks)
+    embeddings_resized: bool  # a pad token was added: the embeddings travel with the adapter
+    keeper: KeepBestAdapter
+
+
 def build_trainer(
     model_dir: Path,
     train_rows: list[dict],
@@ -239,7 +250,7 @@ def build_trainer(
     output_dir: Path,
     device: Device | None = None,
 ):
-    """(trainer, tokenizer, shipped chat template, embeddings resized?, keeper): everything but .train()."""
+    """The trainer over these conversations, ready to .train()."""
     from datasets import Dataset
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
@@ -313,7 +324,7 @@ def build_trainer(
         eval_dataset=Dataset.from_list(eval_rows),
         callbacks=[keeper.callback()],
     )
-    return trainer, tokenizer, shipped, resized, keeper
+    return TrainingSetup(trainer, tokenizer, shipped, resized, keeper)
 
 
 def checkpoint_root() -> Path:
@@ -354,27 +365,39 @@ def tsv(rows: list[dict]) -> str:
     return header + "".join(f"{r['step']}\t{r['epoch']}\t{r['loss']:.6f}\n" for r in rows)
 
 
+def training_rows(data_dir: Path, replay: Path | None, train: TrainParams) -> tuple[list[dict], list[dict], int]:
+    """(training conversations with the replayed ones appended, eval conversations, how many were replayed)."""
+    train_rows, eval_rows = read_jsonl(data_dir / "train.jsonl"), read_jsonl(data_dir / "eval.jsonl")
+    if train.replay and replay is None:
+        raise PipelineError("train.replay > 0 needs --replay (the base_answers stage's replay.jsonl)")
+    replayed = replay_mix(read_jsonl(replay), train.replay, len(train_rows)) if train.replay else []
+    return train_rows + replayed, eval_rows, len(replayed)
+
+
+def save_adapter(setup: TrainingSetup, base_dir: Path, out: Path) -> None:
+    with atomic_directory(out) as tmp:
+        # Resized embeddings (the added pad row) go with the adapter so merge rebuilds the same model.
+        setup.trainer.model.save_pretrained(tmp, save_embedding_layers=setup.embeddings_resized)
+        setup.tokenizer.chat_template = setup.shipped_template  # ship the serving template, not the training one
+        save_tokenizer(setup.tokenizer, tmp)
+        if (base_dir / "tokenizer.model").is_file():
+            shutil.copyfile(base_dir / "tokenizer.model", tmp / "tokenizer.model")
+
+
 def run(
     base_dir: Path,
     data_dir: Path,
     out: Path,
     metrics_path: Path,
     plots_dir: Path,
-    params_path: str,
+    params: Params,
     replay: Path | None = None,
 ) -> dict:
-    params = load_params(params_path)
-    train_rows, eval_rows = read_jsonl(data_dir / "train.jsonl"), read_jsonl(data_dir / "eval.jsonl")
-    if params.train.replay and replay is None:
-        raise PipelineError("train.replay > 0 needs --replay (the base_answers stage's replay.jsonl)")
-    replayed = replay_mix(read_jsonl(replay), params.train.replay, len(train_rows)) if params.train.replay else []
-    own_count = len(train_rows)
-    train_rows = train_rows + replayed
+    train_rows, eval_rows, replayed = training_rows(data_dir, replay, params.train)
     fingerprint = inputs_fingerprint(base_dir, data_dir, params.train, params.data, replay)
     checkpoints = checkpoint_root() / f"train-{fingerprint}"
-    trainer, tokenizer, shipped, resized, keeper = build_trainer(
-        base_dir, train_rows, eval_rows, params.train, params.data, checkpoints
-    )
+    setup = build_trainer(base_dir, train_rows, eval_rows, params.train, params.data, checkpoints)
+    trainer, keeper = setup.trainer, setup.keeper
     leader = trainer.is_world_process_zero()
     resume = latest_checkpoint(checkpoints)
     if resume:
@@ -387,7 +410,7 @@ def run(
             "training %s LoRA parameters on %d conversations (%d replayed), %s",
             f"{trainable:,}",
             len(train_rows),
-            len(replayed),
+            replayed,
             f"{trainer.args.max_steps} steps" if trainer.args.max_steps > 0 else f"{params.train.epochs} epochs",
         )
     started = time.perf_counter()
@@ -397,14 +420,7 @@ def run(
         keeper.restore(trainer.model)
     if not leader:
         return {}
-
-    with atomic_directory(out) as tmp:
-        # Resized embeddings (the added pad row) go with the adapter so merge rebuilds the same model.
-        trainer.model.save_pretrained(tmp, save_embedding_layers=resized)
-        tokenizer.chat_template = shipped  # ship the serving template, not the training variant
-        save_tokenizer(tokenizer, tmp)
-        if (base_dir / "tokenizer.model").is_file():
-            shutil.copyfile(base_dir / "tokenizer.model", tmp / "tokenizer.model")
+    save_adapter(setup, base_dir, out)
 
     history = trainer.state.log_history
     train_curve, eval_curve = loss_curves(history)
@@ -417,16 +433,16 @@ def run(
         "best_epoch": keeper.best_epoch,
         "epochs_run": round(trainer.state.epoch or 0, 4),
         "steps": trainer.state.global_step,
-        "conversations": own_count,
-        "replayed_conversations": len(replayed),
+        "conversations": len(train_rows) - replayed,
+        "replayed_conversations": replayed,
         "stopped_early": keeper.stopped_early,
         "shipped": "best eval loss" if params.train.keep_best else "last step",
         "resumed_from_step": int(resume.name.split("-")[1]) if resume else 0,
         "world_size": world_size(),
         "precision": precision(params.train, Device.detect()),  # machine-dependent under bf16: auto
         "trainable_parameters": trainable,
-        "pad_token": tokenizer.pad_token,
-        "embeddings_resized": resized,
+        "pad_token": setup.tokenizer.pad_token,
+        "embeddings_resized": setup.embeddings_resized,
         "train_tokens": int(tokens),
         "tokens_per_second": round(tokens / runtime, 1) if runtime and not resume else None,
         "runtime_s": round(runtime, 1),
@@ -463,7 +479,7 @@ def main(argv: list[str] | None = None) -> None:
         check_device(params.train, Device.detect())
         relaunch_distributed(sys.argv[1:] if argv is None else argv, params.train.num_processes)
         return
-    metrics = run(args.base, args.data, args.out, args.metrics, args.plots, args.params, args.replay)
+    metrics = run(args.base, args.data, args.out, args.metrics, args.plots, params, args.replay)
     if metrics:
         log.info(
             "done: %d steps, train loss %.4f, best eval loss %.4f (epoch %.0f)%s",

@@ -19,9 +19,8 @@ CPU = Device(cuda=False, bf16=False)
 
 def test_trainer_labels_only_the_assistant_turns_of_a_multi_turn_conversation(tiny_base, repo_params, tmp_path):
     rows = [{"messages": MULTI_TURN}]
-    trainer, tokenizer, shipped, _, _ = build_trainer(
-        tiny_base, rows, rows, repo_params.train, repo_params.data, tmp_path, CPU
-    )
+    setup = build_trainer(tiny_base, rows, rows, repo_params.train, repo_params.data, tmp_path, CPU)
+    trainer, tokenizer, shipped = setup.trainer, setup.tokenizer, setup.shipped_template
     row = trainer.train_dataset[0]
     # train ids == the ids the shipped (serving) template produces
     assert (
@@ -40,9 +39,8 @@ def test_trainer_labels_only_the_assistant_turns_of_a_multi_turn_conversation(ti
 
 def test_a_tokenizer_without_pad_gets_a_new_pad_token_and_resized_embeddings(tiny_base, repo_params, tmp_path):
     rows = [{"messages": MULTI_TURN}]
-    trainer, tokenizer, _, resized, _ = build_trainer(
-        tiny_base, rows, rows, repo_params.train, repo_params.data, tmp_path, CPU
-    )
+    setup = build_trainer(tiny_base, rows, rows, repo_params.train, repo_params.data, tmp_path, CPU)
+    trainer, tokenizer, resized = setup.trainer, setup.tokenizer, setup.embeddings_resized
     model = trainer.model.get_base_model()
     assert resized and tokenizer.pad_token == "<pad>" and tokenizer.pad_token_id == 512
     assert tokenizer.pad_token_id != tokenizer.eos_token_id
