@@ -128,19 +128,20 @@ def run_sweep(sweep: Sweep, replace: bool) -> list[Task]:
     started = time.monotonic()
     seen: dict[str, str] = {}
     durations: list[float] = []
-    mark = started
+    running_since: dict[str, float] = {}  # task -> when it was first seen running
     while True:
         ours = [t for t in queue_tasks() if t.task not in before]
-        for task in ours:
+        # a point that finished is reported before the next one that started in the same poll
+        for task in sorted(ours, key=lambda t: t.status in UNFINISHED):
             if seen.get(task.task) == task.status:
                 continue
             seen[task.task] = task.status
             done = sum(t.status not in UNFINISHED for t in ours)
             if task.status == "Running":
-                mark = time.monotonic()
+                running_since[task.task] = time.monotonic()
                 log.info("[%d/%d] %s running (%s)", done + 1, len(names), task.name, labels.get(task.name, ""))
             elif task.status not in UNFINISHED:
-                durations.append(time.monotonic() - mark)
+                durations.append(time.monotonic() - running_since.get(task.task, started))
                 left = len(names) - done
                 eta = f", ETA {_minutes(left * sum(durations) / len(durations))}" if left else ""
                 log.info(
