@@ -84,8 +84,8 @@ def queue_tasks() -> list[Task]:
     return tasks
 
 
-def shown() -> list[dict]:
-    return json.loads(dvc("exp", "show", "--json") or "[]")
+def shown(rev: str = "HEAD") -> list[dict]:
+    return json.loads(dvc("exp", "show", "--json", "--rev", rev) or "[]")
 
 
 def _minutes(seconds: float) -> str:
@@ -222,10 +222,13 @@ def reasons_of(rev: str) -> list[str]:
     return list(verdict.get("reasons") or [])
 
 
-def ranked_outcomes(sweep_name: str) -> list[Outcome]:
-    found = sweep_experiments(shown(), sweep_name)
+def ranked_outcomes(sweep_name: str, rev: str = "HEAD") -> list[Outcome]:
+    found = sweep_experiments(shown(rev), sweep_name)
     if not found:
-        raise PipelineError(f"no experiments named {sweep_name}-<n> on this commit (dvc exp show)")
+        raise PipelineError(
+            f"no experiments named {sweep_name}-<n> on commit {rev} (dvc exp show --rev {rev}; "
+            "`dvc exp list --all-commits` lists every commit's)"
+        )
     outcomes = []
     for name, data in found:
         gate = ((data.get("metrics") or {}).get("metrics/gate.json") or {}).get("data") or {}
@@ -331,6 +334,7 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("--push", metavar="REMOTE", help="then `dvc exp push` the experiments to this git remote")
     show = commands.add_parser("show", help="the sweep's experiments ranked by the gate")
     show.add_argument("sweep", help="a sweep file or a sweep name")
+    show.add_argument("--rev", default="HEAD", help="the commit the sweep ran on (default: %(default)s)")
     form = show.add_mutually_exclusive_group()
     form.add_argument("--md", action="store_true", help="Markdown table on stdout (default)")
     form.add_argument("--json", action="store_true", help="JSON on stdout")
@@ -363,7 +367,7 @@ def main(argv: list[str] | None = None) -> None:
             raise PipelineError(f"experiments that did not finish: {', '.join(failed)} (dvc queue logs <name>)")
     elif args.command == "show":
         name = sweep_name_of(args.sweep)
-        ranked = ranked_outcomes(name)
+        ranked = ranked_outcomes(name, args.rev)
         table = write_reports(ranked, name)
         print(json.dumps(as_json(ranked), indent=2) if args.json else table)
     elif args.command == "fanout":
