@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
             subprocess.run(["git", "worktree", "remove", "--force", str(earlier)], cwd=ROOT, check=True)
     before, after = median(times["before"]), median(times["after"])
     result = {"model": model, "before_revision": args.before, "seconds": times, "ratio": round(after / before, 2),
-              "machine": {"cpus": __import__("os").cpu_count(), "processor": platform.processor()}}  # fmt: skip
+              "machine": {"cpus": os.cpu_count(), "processor": platform.processor()}}  # fmt: skip
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"gate-{model}.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"| {model} | gate before ({args.before}) {before:.0f} s | after {after:.0f} s | ratio {result['ratio']} |")

@@ -45,7 +45,7 @@ from pipeline.release import (
     push_and_verify,
     resolve_settings,
 )
-from pipeline.verdict import VERDICT, Verdict, judge_keywords, load_verdict
+from pipeline.verdict import VERDICT, Verdict, judge_keywords, load_verdict, sampling_options
 
 log = get_logger("deploy")
 
@@ -103,14 +103,8 @@ SERVED_CHECK_DEFAULTS = {"repeat_penalty": 1.0}
 
 def served_options(verdict: Verdict, rules: GateParams) -> dict:
     """The verdict's greedy options over Ollama's differing defaults; a verdict without any (older) gets
-    the gate's."""
-    options = verdict.options or {
-        "temperature": 0,
-        "top_k": 1,
-        "seed": rules.seed,
-        "num_predict": rules.max_new_tokens,
-    }
-    return {**SERVED_CHECK_DEFAULTS, **options}
+    the gate's own."""
+    return {**SERVED_CHECK_DEFAULTS, **(verdict.options or sampling_options(rules))}
 
 
 def served_check(client: OllamaClient, name: str, release: Release, rules: GateParams) -> list[str]:
