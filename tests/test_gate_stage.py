@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import convert, gate, merge, prepare, quantize, train
+from pipeline import baseline, convert, gate, merge, prepare, quantize, train
 from pipeline.cases import load_cases
 from pipeline.common import PipelineError
 from pipeline.dataset import load_conversations
@@ -193,9 +193,13 @@ def pipeline_run(
 def run_gate(
     base: Path, work: Path, params: Path, cases: Path, probes: Path, out: Path
 ) -> tuple[bool, dict, dict, str]:
-    """`python -m pipeline.gate` (its main) on a run: (passed, metrics, verdict, report)."""
+    """`python -m pipeline.baseline`, then `python -m pipeline.gate` (their mains) on a run: (passed, metrics,
+    verdict, report)."""
+    baseline_file = out / "models" / "baseline" / "evidence.json"
+    baseline.main(["--params", str(params), "--cases", str(cases), "--probes", str(probes), "--base", str(base),
+                   "--out", str(baseline_file)])  # fmt: skip
     argv = ["--params", str(params), "--cases", str(cases), "--probes", str(probes),
-            "--base", str(base), "--merged", str(work / "merged"),
+            "--baseline", str(baseline_file), "--merged", str(work / "merged"),
             "--gguf-dir", str(work / "gguf"), "--metrics", str(out / "metrics" / "gate.json"),
             "--report", str(out / "reports" / "gate.md"),
             "--verdict", str(out / "models" / "gate" / "verdict.json")]  # fmt: skip

@@ -105,6 +105,7 @@ STAGES = {
     "prepare": "pipeline.prepare",
     "base": "pipeline.base",
     "base_answers": "pipeline.base_answers",
+    "baseline": "pipeline.baseline",
     "train": "pipeline.train",
     "merge": "pipeline.merge",
     "convert": "pipeline.convert",
