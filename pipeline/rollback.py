@@ -12,10 +12,11 @@
    the gate verdict and cases are read with DVC (from the remote if needed), the model is created and the
    tag pushed.
 Refused before anything changes: an unknown tag; a registry tag without the release note deploy keeps
-(`<model>-releases:<tag>`: a passed gate verdict and the gate cases); a host copy whose manifest differs
-from the registry's; a tag only some host has (its origin cannot be verified). Then the served check of
-deploy runs on every host with the version's own verdict and cases, and `latest` moves as deploy moves it:
-on every host, then in the registry (same bytes, no re-upload); a failure puts back what moved.
+(`<model>-releases:<tag>`: a passed gate verdict and the gate cases); a tag only some host has (its
+origin cannot be verified). A host copy whose manifest is not the registry's is rebuilt from the registry.
+Then the served check of deploy runs on every host with the version's own verdict and cases, and `latest`
+moves as deploy moves it: on every host, then in the registry (same bytes, no re-upload); a failure puts
+back what moved.
 
 --list shows the deployable versions: the registry's tags (with `latest` marked) and when and from which
 commit each was deployed (the release notes in the registry, and this job's deploy.records).
@@ -187,19 +188,19 @@ def rollback(tag: str, settings: Settings, workdir: Path, rules: GateParams) -> 
     for client in clients:
         client.check_version()
     held = {client.url: client.local_digest(name) for client in clients}
-    lacking = [client for client in clients if held[client.url] is None]
     manifest = registry.manifest(tag)
     paths = {client.url: PATHS[0] for client in clients}
     from_dvc: DvcRelease | None = None
 
     if manifest is not None:
         approved = approved_in_registry(registry, tag, manifest, workdir)
-        for client in clients:
-            if held[client.url] is not None and held[client.url] != manifest.local_digest:
-                raise PipelineError(
-                    f"{client}: {name} is not the registry's {tag} (local manifest {held[client.url][:12]}, registry "
-                    f"{manifest.local_digest[:12]}): refusing. Nothing was changed"
-                )
+        # A host copy that is not the registry's manifest is never made live as it is: that host gets the
+        # registry's verified blobs again (Ollama's create from them writes its own manifest, so a copy
+        # rebuilt by an earlier rollback differs too; the served check below judges what it serves).
+        lacking = [client for client in clients if held[client.url] != manifest.local_digest]
+        for client in lacking:
+            if held[client.url] is not None:
+                log.warning("%s: %s is not the registry's %s: rebuilt from the registry's blobs", client, name, tag)
         for blob in manifest.blobs:
             registry.check_blob(blob, download=False)
         if lacking:
@@ -209,6 +210,7 @@ def rollback(tag: str, settings: Settings, workdir: Path, rules: GateParams) -> 
                 client.create(name, request)
                 paths[client.url] = PATHS[1]
     else:
+        lacking = clients
         holders = [str(client) for client in clients if held[client.url] is not None]
         if holders:
             raise PipelineError(

@@ -321,3 +321,19 @@ def test_ship_f16_deploys_from_a_fresh_clone_with_only_dvc(stack, releases, reco
     _, manifest = registry_manifest(stack, "tests/tiny", "f16-clone")
     model_layer = next(layer for layer in manifest["layers"] if layer["mediaType"].endswith(".model"))
     assert model_layer["digest"] == f"sha256:{sha256_hex(v1.gguf)}"
+
+
+def test_a_cached_ollama_binary_is_trusted_by_its_sha256_not_by_what_it_prints(tmp_path, ollama_binary):
+    """A poisoned tool cache: a script answering `--version` like Ollama 0.11.4 is not run as the server."""
+    from tests.servers import OLLAMA_VERSION, trusted_ollama
+
+    stub = tmp_path / "ollama"
+    stub.write_text(
+        f"#!/bin/sh\necho 'ollama version is {OLLAMA_VERSION}'\necho 'client version is {OLLAMA_VERSION}'\n"
+    )
+    stub.chmod(0o755)
+    printed = subprocess.run([stub, "--version"], capture_output=True, text=True).stdout
+
+    assert f"client version is {OLLAMA_VERSION}" in printed  # what the old check accepted
+    assert not trusted_ollama(stub)
+    assert trusted_ollama(ollama_binary)

@@ -146,8 +146,9 @@ def test_a_tag_only_a_host_has_is_refused_it_cannot_be_verified(stack, deployed,
     assert "host-only" not in registry_tags(stack, REPO)
 
 
-def test_a_host_copy_that_differs_from_the_registry_is_refused(stack, deployed, releases, records):
-    """The registry's tag is v1, the host's copy of that tag was replaced by another model (v2)."""
+def test_a_host_copy_that_differs_from_the_registry_is_never_made_live_as_it_is(stack, deployed, releases, records):
+    """The registry's tag is v1 (f16); the host's copy of that tag was replaced by another model (v2, q8_0):
+    the host gets the registry's model again, and that is what goes live."""
     name = f"{stack.registry_proxy.address}/{REPO}"
     settings = settings_for(stack, records)
     files = releases["v1"]
@@ -155,13 +156,14 @@ def test_a_host_copy_that_differs_from_the_registry_is_refused(stack, deployed, 
     requests.post(
         f"http://{stack.ollama.address}/api/copy", json={"source": f"{name}:{SHA2}", "destination": f"{name}:swapped"}
     ).raise_for_status()
-    rollback(SHA2, settings, records.parent / "work-swap-0", GateParams())  # latest back on v2
-    before = live_state(stack)
+    assert ollama_models(stack.ollama)[f"{name}:swapped"]["details"]["quantization_level"] == "Q8_0"
 
-    with pytest.raises(PipelineError, match=r":swapped is not the registry's swapped .*refusing. Nothing was changed"):
-        rollback("swapped", settings, records.parent / "work-swap", GateParams())
+    record = rollback("swapped", settings, records.parent / "work-swap", GateParams())
 
-    assert live_state(stack) == before
+    assert record.hosts[0].path == "from the registry's blobs"
+    assert ollama_models(stack.ollama)[f"{name}:latest"]["details"]["quantization_level"] == "F16"
+    assert registry_manifest(stack, REPO, "latest")[0] == registry_manifest(stack, REPO, "swapped")[0]
+    rollback(SHA2, settings, records.parent / "work-swap-back", GateParams())  # latest back on v2
 
 
 def test_a_registry_tag_without_a_release_note_is_refused(stack, deployed, records):
