@@ -16,6 +16,11 @@ from dataclasses import dataclass
 from pipeline.common import PipelineError
 
 LATEST = "latest"
+# Names deploy uses for a moment on the hosts: the model being checked, and latest before it moves.
+STAGING = "deploy.staging"
+PREVIOUS_LATEST = "latest.previous"
+RESERVED = (LATEST, STAGING, PREVIOUS_LATEST)
+DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 
 # (pattern, rule in words) per name part; the intersection of Ollama's and the registry's grammars.
 PARTS = {
@@ -70,8 +75,18 @@ class Repository:
 
 
 def check_version_tag(tag: str) -> str:
-    """A tag naming one model version: a valid tag and not the moving `latest`."""
+    """A tag naming one model version: a valid tag and not the moving `latest` (nor deploy's own names)."""
     check_name_part("tag", tag)
     if tag == LATEST:
         raise PipelineError(f"tag {LATEST!r} is the moving tag; deploy a version tag (git short SHA or git tag)")
+    if tag in RESERVED:
+        raise PipelineError(f"tag {tag!r} is reserved for deploy's own use; deploy a version tag")
     return tag
+
+
+def check_digest(digest: object, where: str) -> str:
+    """A content digest as the registry and Ollama name blobs, `sha256:<64 hex>`, checked before it becomes
+    part of a URL or a file name (a digest like `sha256:../../x` would walk out of the directory)."""
+    if not isinstance(digest, str) or not DIGEST.fullmatch(digest):
+        raise PipelineError(f"{where}: digest {str(digest)[:80]!r} is not sha256:<64 hex digits>")
+    return digest

@@ -6,7 +6,10 @@
 - `POST /api/create` and `/api/push` stream NDJSON progress; a stream failed unless its last line is
   `{"status": "success"}`. An error arrives as HTTP >= 400 before the first line, or as a line with
   "error" after it (HTTP 200).
-- `/api/tags` lists local models with the sha256 of each manifest file; `/api/copy` duplicates a manifest.
+- `/api/tags` lists local models with the sha256 of each manifest file; `/api/copy` duplicates a manifest,
+  `/api/delete` removes a name.
+- Every operation (all its attempts, every line of a stream) ends by one deadline (pipeline/http_body.py),
+  and an answer that is not the JSON object we expect is one clear error.
 """
 
 from __future__ import annotations
@@ -14,16 +17,18 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import requests
 
 from pipeline.common import PipelineError, file_sha256_hex, get_logger
-from pipeline.http_retry import RetryPolicy, TransientError, check_status, error_text
+from pipeline.http_body import DEFAULT_DEADLINE_S, Deadline, field, json_object, lines, read_body
+from pipeline.http_retry import RetryPolicy, TransientError, check_status, server_message
+from pipeline.model_names import check_digest
 
 log = get_logger("ollama_client")  # shared by deploy and rollback: logs under its own name
 
@@ -32,6 +37,7 @@ DEFAULT_PORT = 11434
 JSON_CREATE_API = (0, 5, 5)  # before: /api/create took a Modelfile text ("path or Modelfile are required")
 GGUF_REWRITTEN = (0, 30, 0)  # from: GGUF imports go through llama-quantize COPY, the model layer's digest changes
 PROGRESS_EVERY_S = 5.0
+T = TypeVar("T")
 
 
 def hosts_from_env(environ: Mapping[str, str]) -> list[str]:
@@ -67,27 +73,48 @@ class LocalModel:
 
 
 class OllamaClient:
-    def __init__(self, host: str, retry: RetryPolicy):
+    def __init__(self, host: str, retry: RetryPolicy, deadline_s: float = DEFAULT_DEADLINE_S):
         self.url = host_url(host)
         self.retry = retry
+        self.deadline_s = deadline_s  # overall, per operation: every attempt and every streamed line
         self.session = requests.Session()
         self.version: tuple[int, int, int] | None = None
 
     def __repr__(self) -> str:
         return f"Ollama at {self.url}"
 
-    def _request(self, method: str, path: str, what: str, **kwargs: Any) -> requests.Response:
-        timeout = (10, self.retry.timeout_s)
-        response = self.session.request(method, self.url + path, timeout=timeout, **kwargs)
-        check_status(response, f"{self} {what}")
+    def _run(self, what: str, call: Callable[[Deadline], T]) -> T:
+        """`call` retried as the policy says, all attempts within one deadline."""
+        deadline = Deadline(self.deadline_s, f"{self} {what}")
+        return self.retry.run(f"{self}: {what}", lambda: call(deadline))
+
+    def _request(self, method: str, path: str, what: str, deadline: Deadline, **kwargs: Any) -> requests.Response:
+        timeout = deadline.timeout(self.retry.timeout_s)
+        response = self.session.request(method, self.url + path, timeout=timeout, stream=True, **kwargs)
+        try:
+            check_status(response, f"{self} {what}")
+        except PipelineError:
+            response.close()
+            raise
         return response
+
+    def _json(self, method: str, path: str, what: str, **kwargs: Any) -> dict[str, Any]:
+        """One request whose answer is a JSON object, read whole within the deadline."""
+
+        def call(deadline: Deadline) -> dict[str, Any]:
+            response = self._request(method, path, what, deadline, **kwargs)
+            try:
+                return json_object(read_body(response, deadline, f"{self} {what}"), f"{self} {what}")
+            finally:
+                response.close()
+
+        return self._run(what, call)
 
     # --- version ---
 
     def check_version(self) -> tuple[int, int, int]:
         """The server's version; a PipelineError for one older than the JSON create API (or unknown)."""
-        body = self.retry.run(f"{self}: GET /api/version", lambda: self._request("GET", "/api/version", "version"))
-        text = str(body.json().get("version", ""))
+        text = field(self._json("GET", "/api/version", "version"), "version", str, f"{self} GET /api/version")
         version = parse_version(text)
         if version is None or version == (0, 0, 0):
             raise PipelineError(
@@ -111,14 +138,17 @@ class OllamaClient:
     # --- blobs ---
 
     def has_blob(self, digest: str) -> bool:
-        def head() -> bool:
-            response = self.session.head(f"{self.url}/api/blobs/{digest}", timeout=(10, self.retry.timeout_s))
+        def head(deadline: Deadline) -> bool:
+            response = self.session.head(
+                f"{self.url}/api/blobs/{check_digest(digest, str(self))}",
+                timeout=deadline.timeout(self.retry.timeout_s),
+            )
             if response.status_code == 404:
                 return False
             check_status(response, f"{self} HEAD blob {digest}")
             return True
 
-        return self.retry.run(f"{self}: HEAD /api/blobs/{digest}", head)
+        return self._run(f"HEAD /api/blobs/{digest}", head)
 
     def upload_blob(self, path: Path, digest: str) -> bool:
         """Make the blob present; True when bytes were sent, False when Ollama already had them."""
@@ -126,71 +156,78 @@ class OllamaClient:
             log.info("%s already has %s (%s): nothing to upload", self, path.name, digest[:19])
             return False
 
-        def post() -> None:
+        def post(deadline: Deadline) -> None:
             with open(path, "rb") as body:
                 response = self.session.post(
-                    f"{self.url}/api/blobs/{digest}", data=body, timeout=(10, self.retry.timeout_s)
+                    f"{self.url}/api/blobs/{digest}", data=body, timeout=deadline.timeout(self.retry.timeout_s)
                 )
             if response.status_code == 400 and "digest mismatch" in response.text:
                 # the bytes arrived altered: a transport fault worth another try, the blob is content-addressed
-                raise TransientError(f"{self} upload of {path.name}: {response.json().get('error')}")
+                raise TransientError(f"{self} upload of {path.name}: {server_message(response)}")
             check_status(response, f"{self} upload of {path.name}")
 
         size_mb = path.stat().st_size / 1e6
         log.info("%s: uploading %s (%.1f MB) as %s", self, path.name, size_mb, digest[:19])
-        self.retry.run(f"{self}: upload {path.name}", post)
+        self._run(f"upload {path.name}", post)
         if not self.has_blob(digest):
             raise PipelineError(f"{self}: blob {digest} still missing after the upload")
         return True
 
     # --- streamed operations ---
 
-    def _stream(self, path: str, payload: dict, what: str) -> None:
-        """POST a streaming request and follow it to `success`; errors surface as PipelineError."""
-        response = self._request("POST", path, what, json={**payload, "stream": True}, stream=True)
+    def _stream(self, path: str, payload: dict, what: str, deadline: Deadline) -> None:
+        """POST a streaming request and follow it to `success` before the deadline; errors are PipelineErrors."""
+        response = self._request("POST", path, what, deadline, json={**payload, "stream": True})
         last_status, last_log = None, 0.0
         try:
-            for line in _lines(response):
+            for line in _lines(response, deadline, f"{self} {what}"):
                 if "error" in line:
                     raise PipelineError(f"{self} {what}: {line['error']}")
-                status = line.get("status", "")
+                status = str(line.get("status", ""))
                 if status == "success":
                     return
                 now = time.monotonic()
                 if status != last_status or now - last_log > PROGRESS_EVERY_S:
-                    done = f" {100 * line['completed'] / line['total']:.0f}%" if line.get("total") else ""
+                    total, completed = line.get("total"), line.get("completed")
+                    numbers = isinstance(total, int | float) and isinstance(completed, int | float) and total
+                    done = f" {100 * completed / total:.0f}%" if numbers else ""
                     log.info("%s %s: %s%s", self, what, status, done)
                     last_status, last_log = status, now
-        except (requests.exceptions.ChunkedEncodingError, requests.ConnectionError) as error:
-            raise TransientError(f"{self} {what}: stream cut ({error_text(error)})") from None
         finally:
             response.close()
         raise TransientError(f"{self} {what}: stream ended without 'success' (last status: {last_status!r})")
 
     def create(self, name: str, request: dict) -> None:
         """POST /api/create (JSON form) for `name`; `request` holds files/template/system/parameters/..."""
-        self.retry.run(
-            f"{self}: create {name}", lambda: self._stream("/api/create", {**request, "model": name}, f"create {name}")
-        )
+        payload = {**request, "model": name}
+        self._run(f"create {name}", lambda deadline: self._stream("/api/create", payload, f"create {name}", deadline))
 
     def push(self, name: str, insecure: bool) -> None:
-        def push_once() -> None:
+        def push_once(deadline: Deadline) -> None:
             try:
-                self._stream("/api/push", {"model": name, "insecure": insecure}, f"push {name}")
+                self._stream("/api/push", {"model": name, "insecure": insecure}, f"push {name}", deadline)
             except TransientError:
                 raise
             except PipelineError as error:
+                if deadline.remaining() <= 0:
+                    raise
                 # an error line from a push is the registry's trouble (down, 5xx): worth another try
                 raise TransientError(str(error)) from None
 
-        self.retry.run(f"{self}: push {name}", push_once)
+        self._run(f"push {name}", push_once)
 
     # --- local models ---
 
     def local_models(self) -> dict[str, LocalModel]:
-        response = self.retry.run(f"{self}: GET /api/tags", lambda: self._request("GET", "/api/tags", "list models"))
-        models = response.json().get("models") or []
-        return {m["name"]: LocalModel(m["name"], m["digest"]) for m in models}
+        what = f"{self} GET /api/tags"
+        models = self._json("GET", "/api/tags", "list models").get("models") or []
+        if not isinstance(models, list) or not all(isinstance(m, dict) for m in models):
+            raise PipelineError(f"{what}: the answer's 'models' is not a list of objects")
+        found = {}
+        for model in models:
+            name, digest = field(model, "name", str, what), field(model, "digest", str, what)
+            found[name] = LocalModel(name, digest)
+        return found
 
     def local_digest(self, name: str) -> str | None:
         """The local manifest's sha256 (hex) for `name`, None when the host does not have it."""
@@ -199,35 +236,40 @@ class OllamaClient:
 
     def copy(self, source: str, destination: str) -> None:
         payload = {"source": source, "destination": destination}
-        self.retry.run(
-            f"{self}: copy {source} -> {destination}",
-            lambda: self._request("POST", "/api/copy", f"copy {source}", json=payload),
-        )
+
+        def call(deadline: Deadline) -> None:
+            self._request("POST", "/api/copy", f"copy {source} -> {destination}", deadline, json=payload).close()
+
+        self._run(f"copy {source} -> {destination}", call)
+
+    def delete(self, name: str) -> None:
+        """Remove the local name (Ollama keeps the blobs other names still use)."""
+
+        def call(deadline: Deadline) -> None:
+            self._request("DELETE", "/api/delete", f"delete {name}", deadline, json={"model": name}).close()
+
+        self._run(f"delete {name}", call)
 
     def chat(self, name: str, messages: list[dict], options: dict) -> str:
         payload = {"model": name, "messages": messages, "stream": False, "options": options}
-        response = self.retry.run(
-            f"{self}: chat with {name}", lambda: self._request("POST", "/api/chat", f"chat with {name}", json=payload)
-        )
-        return response.json()["message"]["content"]
+        what = f"{self} chat with {name}"
+        message = field(self._json("POST", "/api/chat", f"chat with {name}", json=payload), "message", dict, what)
+        return field(message, "content", str, what)
 
     def load(self, name: str) -> None:
         """Load the model without generating (a smoke test that it runs here)."""
-        response = self.retry.run(
-            f"{self}: load {name}",
-            lambda: self._request("POST", "/api/generate", f"load {name}", json={"model": name, "stream": False}),
-        )
-        if not response.json().get("done"):
-            raise PipelineError(f"{self}: {name} did not load: {response.text[:200]}")
+        body = self._json("POST", "/api/generate", f"load {name}", json={"model": name, "stream": False})
+        if body.get("done") is not True:
+            raise PipelineError(f"{self}: {name} did not load: {json.dumps(body)[:200]}")
 
 
-def _lines(response: requests.Response) -> Iterator[dict]:
-    for raw in response.iter_lines():
+def _lines(response: requests.Response, deadline: Deadline, what: str) -> Iterator[dict]:
+    for raw in lines(response, deadline, what):
         if not raw.strip():
             continue
         try:
             line = json.loads(raw)
         except ValueError:
-            raise TransientError(f"unreadable progress line {raw[:80]!r}") from None
+            raise TransientError(f"{what}: unreadable progress line {raw[:80]!r}") from None
         if isinstance(line, dict):
             yield line

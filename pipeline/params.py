@@ -217,7 +217,11 @@ class DeployParams:
     backoff_s: float = field(default=2.0, metadata=NON_NEGATIVE)
     # Longest silence on one HTTP connection (a model load; long uploads stream progress inside it).
     timeout_s: float = field(default=600.0, metadata=POSITIVE)
-    # Deployment records (JSON Lines) appended by deploy and rollback; outside DVC, CI keeps it as an artifact.
+    # Overall deadline of one operation, all its attempts together: a GGUF upload, a create or push stream
+    # (a server streaming progress forever is cut), a blob download. Keep it below the deploy jobs' timeout.
+    deadline_s: float = field(default=3600.0, metadata=POSITIVE)
+    # Deployment records (JSON Lines) appended by deploy and rollback; CI keeps it as an artifact, and each
+    # deployed version's record and gate verdict also lives in the registry (<model>-releases).
     records: str = "deployments/records.jsonl"
 
 

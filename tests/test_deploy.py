@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -67,6 +68,18 @@ def sha256_hex(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def deploy_cli(stack, cwd: Path, *args) -> subprocess.CompletedProcess:
+    """`python -m pipeline.deploy` as CI runs it in `cwd`: hosts and registry from the environment."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "OLLAMA_HOST": stack.ollama_url,
+        "DEPLOY_REGISTRY": stack.registry_proxy.address,
+    }
+    command = [sys.executable, "-m", "pipeline.deploy", *map(str, args)]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
 @pytest.fixture(autouse=True)
 def no_faults(stack):
     """Each test starts with both servers running, no faults armed and empty proxy logs."""
@@ -118,17 +131,9 @@ def test_deploying_the_same_model_again_uploads_nothing_and_changes_nothing(stac
     files = releases["v1"]
     params = tmp_path / "params.yaml"
     params.write_text(f"deploy:\n  namespace: tests\n  model: tiny\n  records: {records}\n")
-    env = {**os.environ, "OLLAMA_HOST": stack.ollama_url, "DEPLOY_REGISTRY": stack.registry_proxy.address}
     paths = ["--modelfile", files.modelfile, "--verdict", files.verdict, "--cases", files.cases]
 
-    result = subprocess.run(
-        [sys.executable, "-m", "pipeline.deploy", "--tag", SHA1, "--tag", GIT_TAG, "--params", params, *paths],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = deploy_cli(stack, ROOT, "--tag", SHA1, "--tag", GIT_TAG, "--params", params, *paths)
 
     assert result.returncode == 0, result.stderr
     assert "(already deployed: nothing changed)" in result.stderr
@@ -170,6 +175,9 @@ def test_served_check_rejects_a_template_the_model_was_not_trained_with(stack, t
 
     assert "wrong-template" not in registry_tags(stack, "tests/tiny")
     assert registry_manifest(stack, "tests/tiny", "latest")[0] == latest
+    # it was checked under a scratch name, removed again: the host has no name of it
+    assert [name for name in ollama_models(stack.ollama) if "wrong-template" in name or "staging" in name] == []
+    assert stack.ollama_proxy.count("DELETE", "^/api/delete") == 1
 
 
 def test_a_failed_or_missing_gate_verdict_is_refused(releases, tmp_path):
@@ -232,8 +240,8 @@ def test_deploy_to_two_ollama_hosts_serves_the_model_on_both(stack, releases, re
             assert models[f"{prefix}:latest"]["digest"] == models[f"{prefix}:{SHA2}"]["digest"]
             assert models[f"{prefix}:latest"]["details"]["quantization_level"] == "Q8_0"
         assert registry_manifest(stack, "tests/tiny", "latest")[0] == record.manifest_digest
-        # the rig got this GGUF in the wrong-template test already; the workstation needed it
-        assert [host.uploaded for host in record.hosts] == [False, True]
+        # the wrong-template test's failed deploy left nothing on the rig (its GGUF went with the scratch name)
+        assert [host.uploaded for host in record.hosts] == [True, True]
         assert stack.ollama_proxy.count("POST", "^/api/push") == 1
     finally:
         second.stop()
@@ -268,3 +276,64 @@ def test_cli_documents_the_ci_command_and_fails_with_one_line(tmp_path):
     assert missing.stderr.strip().splitlines() == [
         f"error: {tmp_path / 'none.json'}: no gate verdict; run the gate first (dvc repro gate)"
     ]
+
+
+def test_ship_f16_deploys_from_a_fresh_clone_with_only_dvc(stack, releases, records, tmp_path):
+    """The gate ships convert's f16 (not a quantize output): `deploy --pull` in a clean clone fetches the
+    Modelfile and exactly the GGUF its FROM names from the DVC remote, whichever stage wrote it."""
+    from tests.scratch_project import git
+
+    project, remote = tmp_path / "project", tmp_path / "remote"
+    v1, v2 = releases["v1"], releases["v2"]
+    for relative, source in (
+        ("models/release/Modelfile", v1.modelfile),  # FROM ../gguf/model-f16.gguf
+        ("models/gguf/model-f16.gguf", v1.gguf),
+        ("models/gguf/model-q8_0.gguf", v2.gguf),
+        ("models/gate/verdict.json", v1.verdict),
+        ("data/gate_cases.jsonl", v1.cases),
+    ):
+        (project / relative).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, project / relative)
+    (project / "params.yaml").write_text(f"deploy:\n  namespace: tests\n  model: tiny\n  records: {records}\n")
+    git(tmp_path, "init", "-q", "-b", "main", str(project))
+
+    def dvc(cwd: Path, *args: str) -> None:
+        subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, check=True, capture_output=True)
+
+    dvc(project, "init", "-q")
+    dvc(project, "remote", "add", "-d", "store", str(remote))
+    for stage, out in (("convert", "model-f16.gguf"), ("quantize", "model-q8_0.gguf")):
+        dvc(project, "stage", "add", "-q", "-n", stage, "-o", f"models/gguf/{out}", "true")
+    dvc(project, "stage", "add", "-q", "-n", "modelfile", "-o", "models/release/Modelfile", "true")
+    dvc(project, "commit", "-q", "-f")
+    dvc(project, "push", "-q")
+    git(project, "add", "-A")
+    git(project, "commit", "-q", "-m", "ship f16")
+    clone = tmp_path / "clone"
+    git(tmp_path, "clone", "-q", str(project), str(clone))
+    assert not (clone / "models/release/Modelfile").exists()
+
+    result = deploy_cli(stack, clone, "--pull", "--tag", "f16-clone")
+
+    assert result.returncode == 0, result.stderr
+    assert (clone / "models/gguf/model-f16.gguf").read_bytes() == v1.gguf.read_bytes()
+    assert not (clone / "models/gguf/model-q8_0.gguf").exists()  # only what ships is pulled
+    _, manifest = registry_manifest(stack, "tests/tiny", "f16-clone")
+    model_layer = next(layer for layer in manifest["layers"] if layer["mediaType"].endswith(".model"))
+    assert model_layer["digest"] == f"sha256:{sha256_hex(v1.gguf)}"
+
+
+def test_a_cached_ollama_binary_is_trusted_by_its_sha256_not_by_what_it_prints(tmp_path, ollama_binary):
+    """A poisoned tool cache: a script answering `--version` like Ollama 0.11.4 is not run as the server."""
+    from tests.servers import OLLAMA_VERSION, trusted_ollama
+
+    stub = tmp_path / "ollama"
+    stub.write_text(
+        f"#!/bin/sh\necho 'ollama version is {OLLAMA_VERSION}'\necho 'client version is {OLLAMA_VERSION}'\n"
+    )
+    stub.chmod(0o755)
+    printed = subprocess.run([stub, "--version"], capture_output=True, text=True).stdout
+
+    assert f"client version is {OLLAMA_VERSION}" in printed  # what the old check accepted
+    assert not trusted_ollama(stub)
+    assert trusted_ollama(ollama_binary)

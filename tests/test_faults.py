@@ -7,14 +7,19 @@ real server processes at a chosen request.
 
 from __future__ import annotations
 
+import dataclasses
+import re
+import time
+
 import pytest
 import requests
 
 from pipeline.common import PipelineError
 from pipeline.deploy import deploy, load_release
+from pipeline.http_retry import RetryPolicy
 from pipeline.params import GateParams
 from pipeline.release import Record
-from tests.servers import Fault
+from tests.servers import Fault, FaultProxy, OllamaServer
 from tests.test_deploy import ollama_models, registry_manifest, registry_tags, settings_for
 
 REPO = "tests/tiny"
@@ -163,3 +168,149 @@ def test_transient_faults_are_retried_and_the_deploy_then_succeeds(stack, releas
     digest = registry_manifest(stack, REPO, "v2-after-retries")[0]
     assert registry_manifest(stack, REPO, "latest")[0] == digest == record.manifest_digest
     assert ollama_models(stack.ollama)[live["name"]]["details"]["quantization_level"] == "Q8_0"
+
+
+# --- two hosts: latest moves on every host and then in the registry, or nowhere ---
+
+
+@pytest.fixture
+def workstation(stack, releases, records, ollama_binary, tmp_path, live):
+    """A second Ollama host behind its own FaultProxy, serving v1 as latest like the rig."""
+    server = OllamaServer(ollama_binary, tmp_path / "workstation")
+    server.start()
+    proxy = FaultProxy(server.port)
+    files = releases["v1"]
+    hosts = [stack.ollama_url, f"http://{proxy.address}"]
+    deploy(load_release(files.modelfile, files.verdict, files.cases), ["v1-both"],
+           settings_for(stack, records, hosts=hosts), GateParams())  # fmt: skip
+    proxy.clear()
+    try:
+        yield server, proxy, hosts
+    finally:
+        proxy.close()
+        server.stop()
+
+
+def test_a_500_on_host_2s_latest_copy_leaves_registry_and_both_hosts_on_v1(stack, releases, records, live, workstation):
+    server, proxy, hosts = workstation
+    second_before = ollama_models(server)[live["name"]]["digest"]
+    proxy.add(Fault("POST", "^/api/copy", "status", status=500, body=r'"destination": "[^"]*:latest"'))
+    files = releases["v2"]
+
+    with pytest.raises(
+        PipelineError,
+        match=r"copy \S+:v2-split -> \S+:latest: HTTP 500.*latest was not moved: the previous latest is back on 2 host",
+    ):
+        deploy(load_release(files.modelfile, files.verdict, files.cases), ["v2-split"],
+               settings_for(stack, records, hosts=hosts), GateParams())  # fmt: skip
+
+    assert stack.registry_proxy.count("PUT", "/manifests/latest") == 0  # the registry moves last: never reached
+    assert_v1_still_live(stack, live)
+    assert ollama_models(server)[live["name"]]["digest"] == second_before
+    for ollama in (stack.ollama, server):
+        assert not [name for name in ollama_models(ollama) if name.endswith((":latest.previous", ":deploy.staging"))]
+
+
+def test_a_version_tag_recreated_with_another_model_is_refused_before_anything_changes(stack, releases, records, live):
+    """v2 under v1's tag: the registry's and the host's v1 stay v1; no version tag or latest is written."""
+    name = f"{stack.registry_proxy.address}/{REPO}:v1-live"
+    host_v1 = ollama_models(stack.ollama)[name]["digest"]
+    registry_v1 = registry_manifest(stack, REPO, "v1-live")[0]
+
+    with pytest.raises(PipelineError, match=r"v1-live already holds another model .*immutable.*Nothing was changed"):
+        deploy_v2(stack, releases, records, "v1-live")
+
+    assert ollama_models(stack.ollama)[name]["digest"] == host_v1
+    assert registry_manifest(stack, REPO, "v1-live")[0] == registry_v1
+    assert stack.ollama_proxy.count("POST", "^/api/(copy|push)") == 0
+    assert stack.registry_proxy.count("PUT", "/manifests/") == 0
+    assert_v1_still_live(stack, live)
+
+
+def test_a_tag_only_the_host_holds_with_another_model_is_refused_too(stack, releases, records, live):
+    """The registry lacks the tag, but the host has it with v1: v2 may not overwrite it there."""
+    name = f"{stack.registry_proxy.address}/{REPO}"
+    requests.post(
+        f"http://{stack.ollama.address}/api/copy", json={"source": f"{name}:v1-live", "destination": f"{name}:on-host"}
+    ).raise_for_status()
+    held = ollama_models(stack.ollama)[f"{name}:on-host"]["digest"]
+
+    with pytest.raises(PipelineError, match=r"Ollama at .*: on-host already holds another model"):
+        deploy_v2(stack, releases, records, "on-host")
+
+    assert ollama_models(stack.ollama)[f"{name}:on-host"]["digest"] == held
+    assert "on-host" not in registry_tags(stack, REPO)
+    assert_v1_still_live(stack, live)
+
+
+# --- deadlines: a server that stalls, or streams progress forever, is cut ---
+
+
+def test_a_stalled_create_stream_fails_within_its_read_timeout_per_attempt(stack, releases, records, live):
+    stack.ollama_proxy.add(Fault("POST", "^/api/create", "stall", hold_s=5))
+    settings = dataclasses.replace(settings_for(stack, records), retry=RetryPolicy(2, 0.05, timeout_s=1))
+    files = releases["v2"]
+    start = time.monotonic()
+
+    with pytest.raises(PipelineError, match=rf"create .*stream stalled .*{ATTEMPTS}"):
+        deploy(load_release(files.modelfile, files.verdict, files.cases), ["v2-stall"], settings, GateParams())
+
+    assert time.monotonic() - start < 10  # 3 attempts of 1 s each, not 3 x 600 s
+    assert_v1_still_live(stack, live)
+
+
+def test_a_push_streaming_progress_forever_is_cut_at_its_deadline(stack, releases, records, live):
+    """Each progress line resets a read timeout; only the overall deadline ends it (not retried)."""
+    stack.ollama_proxy.add(Fault("POST", "^/api/push", "drip", hold_s=60))
+    settings = dataclasses.replace(settings_for(stack, records), deadline_s=8)
+    files = releases["v2"]
+    release = load_release(files.modelfile, files.verdict, files.cases)
+    start = time.monotonic()
+
+    with pytest.raises(PipelineError, match=r"push .*v2-drip: not done within its deadline of 8s; cut"):
+        deploy(release, ["v2-drip"], settings, GateParams())
+
+    assert time.monotonic() - start < 40  # the push alone stops at 8 s; before it, staging and the served check
+    assert stack.ollama_proxy.count("POST", "^/api/push") == 1
+    assert_v1_still_live(stack, live)
+
+
+# --- malformed answers: one clear error, never a traceback ---
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "message"),
+    [
+        ("GET", "^/api/version", b'{"v": 1}', r"GET /api/version: the answer's 'version' is missing, expected a str"),
+        ("GET", "^/api/version", b"[1, 2]", r"version: the answer is JSON list, not an object"),
+        ("GET", "^/api/tags", b'{"models": [{"name": 1}]}', r"GET /api/tags: the answer's 'name' is a int"),
+        ("POST", "^/api/chat", b'{"message": "hi"}', r"chat with .*: the answer's 'message' is a str, expected a dict"),
+        ("GET", "^/api/tags", b"not json", r"list models: the answer is not JSON: b'not json'"),
+    ],
+)
+def test_a_malformed_ollama_answer_is_one_clear_error(stack, releases, records, live, method, path, body, message):
+    stack.ollama_proxy.add(Fault(method, path, "rewrite", rewrite=lambda _: body))
+
+    with pytest.raises(PipelineError, match=message):
+        deploy_v2(stack, releases, records, "v2-malformed")
+
+    assert_v1_still_live(stack, live)
+
+
+def test_a_registry_digest_that_is_not_sha256_hex_is_refused_before_use(stack, releases, records, live):
+    """A manifest naming `sha256:../../x` would become a file path in rollback: refused at parse time."""
+    stack.registry_proxy.add(
+        Fault(
+            "GET",
+            "/manifests/latest$",
+            "rewrite",
+            rewrite=lambda b: re.sub(rb'"sha256:[0-9a-f]{64}"', b'"sha256:../../etc/passwd"', b, count=1),
+        )
+    )
+
+    with pytest.raises(
+        PipelineError, match=r"manifest latest: .*digest 'sha256:\.\./\.\./etc/passwd' is not sha256:<64 hex"
+    ):
+        deploy_v2(stack, releases, records, "v2-bad-name")
+
+    assert_v1_still_live(stack, live)

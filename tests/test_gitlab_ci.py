@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -52,10 +53,16 @@ MERGE_REQUEST = {
     "CI_PROJECT_ID": PROJECT_ID,
     "CI_MERGE_REQUEST_SOURCE_PROJECT_ID": PROJECT_ID,
 }
-NEVER_IN_MR = {"retrain": "never", "deploy": "never", "deploy-tag": "never", "rollback": "never"}
+NEVER_IN_MR = {
+    "retrain": "never",
+    "commit-lock": "never",
+    "deploy": "never",
+    "deploy-tag": "never",
+    "rollback": "never",
+}
 CHECKS = {"lint": "on_success", "tests": "on_success", "validate-data": "on_success"}
 NO_CANDIDATE = {"train-candidate": "never", "candidate-report": "never"}
-# the sweep, on one rig or fanned out: manual, on the default branch and this project's MRs only
+# the sweep, on one rig or fanned out: manual, on the default branch only (the protected runner, it pushes)
 SWEEPS = {"sweep": "manual", "sweep-fanout": "manual", "sweep-fanout-run": "manual"}
 NO_SWEEPS = {job: "never" for job in SWEEPS}
 CHILD = "sweep-child.yml"
@@ -203,7 +210,7 @@ def test_ci_file_validates_against_gitlabs_schema_and_a_typo_does_not(check_json
 
 def test_merge_request_pipeline_checks_and_reports_without_gpu_or_deploy(gitlab_ci_local, project):
     listed = jobs(gitlab_ci_local, project, "more-data", MERGE_REQUEST, unset=("CI_COMMIT_BRANCH",))
-    assert listed == {**CHECKS, "mr-report": "on_success", **NO_CANDIDATE, **NEVER_IN_MR, **SWEEPS}
+    assert listed == {**CHECKS, "mr-report": "on_success", **NO_CANDIDATE, **NEVER_IN_MR, **NO_SWEEPS}
 
 
 def test_train_candidate_label_adds_the_gpu_candidate_and_its_report(gitlab_ci_local, project):
@@ -215,7 +222,7 @@ def test_train_candidate_label_adds_the_gpu_candidate_and_its_report(gitlab_ci_l
         "train-candidate": "on_success",
         "candidate-report": "always",  # reports the gate table even when the candidate failed it
         **NEVER_IN_MR,
-        **SWEEPS,
+        **NO_SWEEPS,
     }
     by_variable = jobs(
         gitlab_ci_local, project, "more-data", {**MERGE_REQUEST, "TRAIN_CANDIDATE": "true"}, ("CI_COMMIT_BRANCH",)
@@ -245,6 +252,7 @@ def test_default_branch_push_checks_retrains_deploys_and_offers_a_manual_rollbac
         "mr-report": "never",
         **NO_CANDIDATE,
         "retrain": "on_success",
+        "commit-lock": "on_success",
         "deploy": "on_success",
         "deploy-tag": "never",
         "rollback": "manual",
@@ -272,9 +280,7 @@ def test_branch_pushes_start_no_pipeline_of_their_own(gitlab_ci_local, project):
     assert set(plain.values()) == set(with_open_mr.values()) == {"never"}
 
 
-def test_the_sweep_jobs_are_manual_only_on_the_default_branch_and_this_projects_merge_requests(
-    gitlab_ci_local, project
-):
+def test_the_sweep_jobs_are_manual_only_on_the_default_branch(gitlab_ci_local, project):
     fork = {**MERGE_REQUEST, "CI_MERGE_REQUEST_SOURCE_PROJECT_ID": "4242"}
     pipelines = {
         "merge-request": jobs(gitlab_ci_local, project, "more-data", MERGE_REQUEST, ("CI_COMMIT_BRANCH",)),
@@ -291,7 +297,7 @@ def test_the_sweep_jobs_are_manual_only_on_the_default_branch_and_this_projects_
     }
     whens = {kind: {job: listed[job] for job in SWEEPS} for kind, listed in pipelines.items()}
     assert whens == {
-        "merge-request": SWEEPS,
+        "merge-request": NO_SWEEPS,
         "fork": NO_SWEEPS,
         "default-branch": SWEEPS,
         "branch": NO_SWEEPS,
@@ -303,9 +309,9 @@ def test_the_sweep_jobs_are_manual_only_on_the_default_branch_and_this_projects_
     assert job["extends"] == [".rig", ".sweep-rules"] and rig["tags"] == ["gpu"] and job["resource_group"] == "gpu-rig"
     assert job["variables"]["SWEEP"] == "sweeps/recipe.yaml" and job["artifacts"]["paths"] == ["reports/sweep/"]
     assert 'python -m pipeline.sweep run "$SWEEP" $push' in job["script"]
-    # fanned out: the generator only writes YAML (a CPU runner); the child pipeline's jobs are the rigs'
+    # fanned out: the generator needs the push token, so it runs where the token is (the protected runner)
     fanout, run = ci["sweep-fanout"], ci["sweep-fanout-run"]
-    assert fanout["tags"] == ["cpu"] and fanout["artifacts"]["paths"] == [CHILD]
+    assert fanout["tags"] == ["gpu"] and fanout["artifacts"]["paths"] == [CHILD]
     assert 'python -m pipeline.sweep fanout "$SWEEP" --out sweep-child.yml' in fanout["script"]
     # after it by stage, as GitLab's own include:artifact example (gitlab-ci-local 4.73 refuses `needs` on a
     # manual job, even from another manual job)
@@ -464,3 +470,113 @@ def test_merge_request_cpu_jobs_run_and_post_the_report_note(gitlab_ci_local, pr
     assert note == MARKER + "\n" + (project / "reports" / "mr.md").read_text()
     prepared = json.loads((project / "metrics" / "data.json").read_text())
     assert prepared["train"]["conversations"] == 57
+
+
+# --- the trust boundary, read from the file GitLab reads (gitlab-ci-local ignores tags and environments) ---
+
+PROTECTED_ONLY = ("retrain", "commit-lock", "deploy", "deploy-tag", "rollback", "sweep", "sweep-fanout")
+PUSH_TOKEN_USES = ("GITLAB_PUSH_TOKEN", ".ci/push-auth", ".ci/commit-lock")
+
+
+def resolved(ci: dict, name: str) -> dict:
+    """A job with its `extends` merged in, as GitLab merges them (later wins, mappings merged deeply)."""
+
+    def merge(base: dict, over: dict) -> dict:
+        out = dict(base)
+        for key, value in over.items():
+            out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        return out
+
+    job = ci[name]
+    parents = job.get("extends", [])
+    result: dict = {}
+    for parent in [parents] if isinstance(parents, str) else parents:
+        result = merge(result, resolved(ci, parent))
+    return merge(result, {k: v for k, v in job.items() if k != "extends"})
+
+
+def script_text(job: dict) -> str:
+    """The job's script lines and the text of every .ci/ script they run (recursively)."""
+    lines = [*job.get("before_script", []), *job.get("script", [])]
+    text, seen = "\n".join(lines), set()
+    while found := set(re.findall(r"\.ci/[\w-]+", text)) - seen:
+        seen |= found
+        text += "".join("\n" + (ROOT / path).read_text() for path in sorted(found) if (ROOT / path).is_file())
+    return text
+
+
+def test_no_merge_request_job_shares_a_runner_tag_with_retrain_deploy_or_rollback(gitlab_ci_local, project):
+    """MR code (even with the label, even this project's own) runs on the candidate runner, never on the
+    protected one that has the NAS write path, the push token and the deploy variables."""
+    ci = yaml.safe_load((ROOT / ".gitlab-ci.yml").read_text())
+    protected_tags = {tag for name in PROTECTED_ONLY for tag in resolved(ci, name)["tags"]}
+    labelled = {**MERGE_REQUEST, "CI_MERGE_REQUEST_LABELS": "train-candidate", "TRAIN_CANDIDATE": "true"}
+    in_mr = jobs(gitlab_ci_local, project, "more-data", labelled, ("CI_COMMIT_BRANCH",))
+    running = sorted(name for name, when in in_mr.items() if when != "never")
+
+    assert protected_tags == {"gpu"}
+    assert {"train-candidate", "candidate-report", "mr-report"} <= set(running)
+    assert {
+        name: resolved(ci, name)["tags"] for name in running if protected_tags & set(resolved(ci, name)["tags"])
+    } == {}
+    assert resolved(ci, "train-candidate")["tags"] == ["gpu-candidate"]
+
+
+def test_every_job_that_can_see_the_push_token_has_an_environment_and_retrain_has_none():
+    """GITLAB_PUSH_TOKEN is scoped to the `git-push` environment: only jobs naming it receive it, and the
+    12-hour `dvc repro` is not one of them (the push is its own job after retrain)."""
+    ci = yaml.safe_load((ROOT / ".gitlab-ci.yml").read_text())
+    names = [name for name, job in ci.items() if isinstance(job, dict) and not name.startswith(".") and "script" in job]
+    pushing = {name for name in names if any(use in script_text(resolved(ci, name)) for use in PUSH_TOKEN_USES)}
+
+    assert pushing == {"commit-lock", "sweep", "sweep-fanout"}
+    assert {name: resolved(ci, name).get("environment", {}).get("name") for name in pushing} == dict.fromkeys(
+        pushing, "git-push"
+    )
+    retrain = resolved(ci, "retrain")
+    assert "environment" not in retrain and "dvc repro" in script_text(retrain)
+    assert resolved(ci, "commit-lock")["needs"] == [{"job": "retrain", "artifacts": True}]
+    assert "dvc.lock" in retrain["artifacts"]["paths"]
+
+
+def test_deploy_jobs_have_a_timeout_of_at_most_two_hours_and_pull_what_ships():
+    ci = yaml.safe_load((ROOT / ".gitlab-ci.yml").read_text())
+    for name in ("deploy", "deploy-tag", "rollback"):
+        job = resolved(ci, name)
+        amount, unit = re.fullmatch(r"(\d+)\s*(m|h)", job["timeout"]).groups()
+        assert int(amount) * (60 if unit == "h" else 1) <= 120, name
+        assert job["environment"]["name"] == "production" and job["resource_group"] == "production"
+    for name in ("deploy", "deploy-tag"):
+        assert any("pipeline.deploy --pull" in line for line in ci[name]["script"])
+        assert not any("dvc pull modelfile quantize" in line for line in ci[name]["script"])
+
+
+@pytest.mark.parametrize("script", [".ci/env", ".ci/run"])
+def test_merge_request_and_protected_jobs_never_share_a_writable_cache(script, tmp_path):
+    """The venv, npm, Go builds (the Ollama binary), check-jsonschema and the converter copy all live under
+    LLM_GITOPS_CACHE, which .ci/cache-env keys by CI_COMMIT_REF_PROTECTED; both entry points source it
+    before they pick the venv."""
+    report = "echo $LLM_GITOPS_CACHE; echo $GOBIN; echo $GOCACHE; echo $npm_config_cache"
+
+    def caches(protected: str) -> list[str]:
+        env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "CI_COMMIT_REF_PROTECTED": protected}
+        env["LLM_GITOPS_CACHE"] = str(tmp_path / "runner-cache")  # what the runner's config sets
+        result = subprocess.run(
+            ["bash", "-c", f". .ci/cache-env; . .ci/cache-env; {report}"],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        assert result.returncode == 0, result.stderr
+        return result.stdout.split()
+
+    protected, merge_request = caches("true"), caches("false")
+
+    assert protected[0] == str(tmp_path / "runner-cache" / "protected")
+    assert merge_request[0] == str(tmp_path / "runner-cache" / "unprotected")
+    for root, paths in ((protected[0], protected), (merge_request[0], merge_request)):
+        assert all(path.startswith(root + "/") for path in paths[1:])
+    text = (ROOT / script).read_text()
+    assert text.index(". .ci/cache-env") < text.index("export VENV=")
+    assert "venv-$key" in text and "$LLM_GITOPS_CACHE/venv-$key" in text

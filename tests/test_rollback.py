@@ -15,12 +15,13 @@ from pathlib import Path
 import pytest
 import requests
 
+from pipeline.common import PipelineError
 from pipeline.deploy import deploy, load_release
 from pipeline.params import GateParams
 from pipeline.rollback import rollback
 from tests.conftest import ROOT
-from tests.servers import OllamaServer
-from tests.test_deploy import ollama_models, registry_manifest, registry_tags, settings_for
+from tests.servers import Fault, OllamaServer
+from tests.test_deploy import MANIFEST_V2, ollama_models, registry_manifest, registry_tags, settings_for
 
 SHA1, SHA2, DVC_TAG = "aaaa111", "bbbb222", "model-v9"
 REPO = "tests/tiny"
@@ -79,8 +80,11 @@ def test_rollback_to_a_tag_the_host_has_copies_it_and_repoints_the_registry(stac
     models = ollama_models(stack.ollama)
     assert models[f"{name}:latest"]["digest"] == models[f"{name}:{SHA1}"]["digest"]
     assert models[f"{name}:latest"]["details"]["quantization_level"] == "F16"  # v1 serves again
-    # the fastest path: one copy on the host, one manifest PUT in the registry, no bytes moved
-    assert stack.ollama_proxy.count("POST", "^/api/copy") == 1
+    # the fastest path: on the host, latest kept aside (to put back on failure) and the copy, then the aside
+    # removed; one manifest PUT in the registry; no bytes moved
+    assert stack.ollama_proxy.count("POST", "^/api/copy") == 2
+    assert stack.ollama_proxy.count("DELETE", "^/api/delete") == 1
+    assert f"{name}:latest.previous" not in models
     assert stack.ollama_proxy.count("POST", "^/api/(create|blobs)") == 0
     assert stack.registry_proxy.count("PUT", "/manifests/latest") == 1
     assert stack.registry_proxy.count("POST", "/blobs/uploads/") == 0
@@ -107,34 +111,131 @@ def test_rollback_rebuilds_from_registry_blobs_on_a_host_without_the_tag(stack, 
     name = f"{stack.registry_proxy.address}/{REPO}"
     assert f"{name}:{SHA2}" not in ollama_models(bare_ollama)
 
-    record = rollback(SHA2, settings, Path(records.parent) / "work")
+    record = rollback(SHA2, settings, Path(records.parent) / "work", GateParams())
 
     models = ollama_models(bare_ollama)
     assert models[f"{name}:latest"]["digest"] == models[f"{name}:{SHA2}"]["digest"]
     assert models[f"{name}:latest"]["details"]["quantization_level"] == "Q8_0"
     _, manifest = registry_manifest(stack, REPO, SHA2)
     assert models[f"{name}:latest"]["size"] == sum(blob["size"] for blob in [*manifest["layers"], manifest["config"]])
-    assert stack.registry_proxy.count("GET", r"/blobs/sha256:") == len(manifest["layers"])
+    assert stack.registry_proxy.count("GET", rf"/{REPO}/blobs/sha256:") == len(manifest["layers"])
     assert stack.registry_proxy.count("POST", "/blobs/uploads/") == 0
     assert registry_manifest(stack, REPO, "latest")[0] == deployed[SHA2]
     assert record.hosts[0].path == "from the registry's blobs"
 
 
-def test_rollback_to_a_tag_only_the_host_has_pushes_it_before_repointing_latest(stack, deployed, records):
-    """The registry lost the tag (or never got it): the host's copy is pushed, verified, then made latest."""
+def live_state(stack) -> tuple[str, dict[str, str]]:
+    """The registry's latest manifest digest and the host's local manifest digests, read directly."""
+    return registry_manifest(stack, REPO, "latest")[0], {n: m["digest"] for n, m in ollama_models(stack.ollama).items()}
+
+
+def test_a_tag_only_a_host_has_is_refused_it_cannot_be_verified(stack, deployed, records):
+    """Anyone reaching the host's API can create a model under a tag; without the registry's copy and its
+    release note nothing says a gate passed it (review #3)."""
     name = f"{stack.registry_proxy.address}/{REPO}"
     copied = requests.post(
-        f"http://{stack.ollama.address}/api/copy", json={"source": f"{name}:{SHA2}", "destination": f"{name}:host-only"}
+        f"http://{stack.ollama.address}/api/copy", json={"source": f"{name}:{SHA1}", "destination": f"{name}:host-only"}
     )
     assert copied.ok and "host-only" not in registry_tags(stack, REPO)
+    before = live_state(stack)
 
-    record = rollback("host-only", settings_for(stack, records), records.parent / "work-host-only")
+    with pytest.raises(PipelineError, match=r"has .*:host-only, but the registry has no host-only: .*refusing"):
+        rollback("host-only", settings_for(stack, records), records.parent / "work-host-only", GateParams())
 
-    digest, _ = registry_manifest(stack, REPO, "host-only")
-    assert digest == deployed[SHA2] == record.manifest_digest  # same model, same manifest
-    assert registry_manifest(stack, REPO, "latest")[0] == digest
-    assert stack.registry_proxy.count("POST", "/blobs/uploads/") == 0  # its blobs were all there
-    assert record.hosts[0].path == "host has the tag: copy"
+    assert live_state(stack) == before
+    assert "host-only" not in registry_tags(stack, REPO)
+
+
+def test_a_host_copy_that_differs_from_the_registry_is_never_made_live_as_it_is(stack, deployed, releases, records):
+    """The registry's tag is v1 (f16); the host's copy of that tag was replaced by another model (v2, q8_0):
+    the host gets the registry's model again, and that is what goes live."""
+    name = f"{stack.registry_proxy.address}/{REPO}"
+    settings = settings_for(stack, records)
+    files = releases["v1"]
+    deploy(load_release(files.modelfile, files.verdict, files.cases), ["swapped"], settings, GateParams())
+    requests.post(
+        f"http://{stack.ollama.address}/api/copy", json={"source": f"{name}:{SHA2}", "destination": f"{name}:swapped"}
+    ).raise_for_status()
+    assert ollama_models(stack.ollama)[f"{name}:swapped"]["details"]["quantization_level"] == "Q8_0"
+
+    record = rollback("swapped", settings, records.parent / "work-swap", GateParams())
+
+    assert record.hosts[0].path == "from the registry's blobs"
+    assert ollama_models(stack.ollama)[f"{name}:latest"]["details"]["quantization_level"] == "F16"
+    assert registry_manifest(stack, REPO, "latest")[0] == registry_manifest(stack, REPO, "swapped")[0]
+    rollback(SHA2, settings, records.parent / "work-swap-back", GateParams())  # latest back on v2
+
+
+def test_a_registry_tag_without_a_release_note_is_refused(stack, deployed, records):
+    """A manifest put straight into the registry (no deploy ran the gate's served check on it)."""
+    raw = requests.get(
+        f"http://{stack.registry.address}/v2/{REPO}/manifests/{SHA1}", headers={"Accept": MANIFEST_V2}
+    ).content
+    requests.put(
+        f"http://{stack.registry.address}/v2/{REPO}/manifests/planted",
+        data=raw,
+        headers={"Content-Type": MANIFEST_V2},
+    ).raise_for_status()
+    before = live_state(stack)
+
+    with pytest.raises(PipelineError, match=r"planted has no release note .*refusing to make it live"):
+        rollback("planted", settings_for(stack, records), records.parent / "work-planted", GateParams())
+
+    assert live_state(stack) == before
+    assert stack.ollama_proxy.count("POST", "^/api/(create|copy|blobs)") == 0
+
+
+def test_a_version_failing_the_served_check_is_refused_and_latest_stays(stack, deployed, records):
+    """Ollama answers the gate's cases with nothing the gate expects: the version is not made live."""
+    stack.ollama_proxy.add(
+        Fault("POST", "^/api/chat", "rewrite", rewrite=lambda _: b'{"message": {"role": "assistant", "content": "-"}}')
+    )
+    before = live_state(stack)
+
+    with pytest.raises(PipelineError, match=r"served check on Ollama at .*:aaaa111 fails the gate"):
+        rollback(SHA1, settings_for(stack, records), records.parent / "work-served", GateParams())
+
+    stack.clear_faults()
+    assert live_state(stack) == before
+
+
+@pytest.mark.parametrize(
+    ("fault", "message"),
+    [
+        (Fault("GET", rf"/{REPO}/blobs/sha256:", "cut"), r"download of sha256:\w+: stream cut"),
+        (
+            Fault("GET", rf"/{REPO}/blobs/sha256:", "rewrite", rewrite=lambda b: b[:-1] + bytes([b[-1] ^ 1])),
+            r"arrived as sha256:",
+        ),
+    ],
+    ids=["blob-fetch-cut", "wrong-digest"],
+)
+def test_rollback_faults_on_the_registry_blobs_leave_the_current_version_live(
+    stack, deployed, records, bare_ollama, fault, message
+):
+    settings = settings_for(stack, records, hosts=[f"http://{bare_ollama.address}"])
+    rollback(SHA2, settings, records.parent / f"work-{fault.kind}-0", GateParams())  # the bare host serves v2
+    latest = registry_manifest(stack, REPO, "latest")[0]
+    on_host = {n: m["digest"] for n, m in ollama_models(bare_ollama).items()}
+    stack.registry_proxy.add(fault)
+
+    with pytest.raises(PipelineError, match=message):
+        rollback(SHA1, settings, records.parent / f"work-{fault.kind}", GateParams())
+
+    stack.clear_faults()
+    assert registry_manifest(stack, REPO, "latest")[0] == latest
+    assert {n: m["digest"] for n, m in ollama_models(bare_ollama).items()} == on_host
+
+
+def test_the_registry_down_during_a_rollback_leaves_the_current_version_live(stack, deployed, records):
+    before = live_state(stack)
+    stack.registry.stop()
+    try:
+        with pytest.raises(PipelineError, match=r"manifest aaaa111.*HTTP 502.*gave up after 3 attempts"):
+            rollback(SHA1, settings_for(stack, records), records.parent / "work-down", GateParams())
+    finally:
+        stack.registry.start()
+    assert live_state(stack) == before
 
 
 def git(repo: Path, *args: str) -> None:
@@ -153,6 +254,8 @@ def dvc_repository(releases, tmp_path) -> Path:
     for relative in ("models/release/Modelfile", "models/gguf/model-f16.gguf", "models/gate/verdict.json"):
         (repo / relative).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(releases["v1"].root / relative, repo / relative)
+    (repo / "data").mkdir()  # git-tracked, as in the project: the cases the gate judged at this tag
+    shutil.copyfile(releases["v1"].cases, repo / "data" / "gate_cases.jsonl")
     git(repo, "init", "-q")
     git(repo, "config", "user.email", "ci@example.com")
     git(repo, "config", "user.name", "CI")
@@ -175,7 +278,7 @@ def test_rollback_from_dvc_at_the_git_tag_when_no_host_or_registry_has_it(
     monkeypatch.chdir(dvc_repository)
     assert DVC_TAG not in registry_tags(stack, REPO)
 
-    record = rollback(DVC_TAG, settings_for(stack, records), tmp_path / "work")
+    record = rollback(DVC_TAG, settings_for(stack, records), tmp_path / "work", GateParams())
 
     name = f"{stack.registry_proxy.address}/{REPO}"
     digest, manifest = registry_manifest(stack, REPO, DVC_TAG)

@@ -46,3 +46,24 @@ def test_register_refuses_old_registration_tokens_and_a_cache_inside_the_builds(
     )
     assert inside.returncode == 1
     assert "DVC_CACHE_DIR must be outside BUILDS_DIR" in inside.stderr
+
+
+def test_both_runners_are_rendered_the_candidate_in_a_container_with_read_only_shared_mounts():
+    """The protected runner (gpu) and the candidate runner (gpu-candidate): MR code gets a docker executor,
+    its own build and cache directories, and the rig's DVC cache and model downloads only read-only."""
+    result = register(
+        DRY_RUN="1", GITLAB_URL="https://gitlab.example.com", RUNNER_TOKEN="glrt-prot", CANDIDATE_TOKEN="glrt-cand"
+    )
+    assert result.returncode == 0, result.stderr
+    assert "glrt-prot" not in result.stdout and "glrt-cand" not in result.stdout
+    protected, candidate = tomllib.loads(result.stdout)["runners"]
+    assert (protected["name"], candidate["name"]) == ("gpu-rig", "gpu-rig-candidate")
+    assert candidate["executor"] == "docker" and candidate["docker"]["privileged"] is False
+    assert candidate["builds_dir"] != protected["builds_dir"]
+    volumes = candidate["docker"]["volumes"]
+    assert "/srv/dvc-cache:/srv/rig-dvc-cache:ro" in volumes and "/srv/hf:/srv/rig-hf:ro" in volumes
+    writable = [v.split(":")[0] for v in volumes if not v.endswith(":ro")]
+    shared = {"/srv/dvc-cache", "/srv/hf", protected["builds_dir"]}
+    assert writable == ["/srv/gitlab-runner/candidate-cache"] and not any(w in shared for w in writable)
+    same = register(GITLAB_URL="https://gitlab.example.com", RUNNER_TOKEN="glrt-x", CANDIDATE_TOKEN="glrt-x")
+    assert same.returncode == 1 and "CANDIDATE_TOKEN must be another runner" in same.stderr
