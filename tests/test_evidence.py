@@ -55,7 +55,7 @@ def test_other_probe_answers_or_decoding_params_are_refused(baseline_file):
     other_answer = [BaseAnswer("probe-spain", "What is the capital of Spain?", "Barcelona.", finished=True)]
     with pytest.raises(PipelineError, match="probe 'probe-spain' was not measured"):
         read_baseline(baseline_file, CASES, other_answer, DECODING)
-    with pytest.raises(PipelineError, match="measured with .*'max_new_tokens': 96.*the gate decodes with .*64"):
+    with pytest.raises(PipelineError, match=r"measured with .*'max_new_tokens': 96.*the gate decodes with .*64"):
         read_baseline(baseline_file, CASES, PROBES, {**DECODING, "max_new_tokens": 64})
 
 
@@ -63,5 +63,5 @@ def test_a_missing_or_foreign_file_names_itself_and_the_stage_to_run(tmp_path):
     with pytest.raises(PipelineError, match=r"evidence.json: not found \(run: dvc repro baseline\)"):
         read_baseline(tmp_path / "evidence.json", CASES, PROBES, DECODING)
     (tmp_path / "verdict.json").write_text('{"passed": true}')
-    with pytest.raises(PipelineError, match="verdict.json: not a baseline measurement"):
+    with pytest.raises(PipelineError, match=r"verdict.json: not a baseline measurement"):
         read_baseline(tmp_path / "verdict.json", CASES, PROBES, DECODING)
