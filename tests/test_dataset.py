@@ -120,7 +120,38 @@ def test_all_errors_are_reported_at_once_with_their_line_numbers(tmp_path):
     assert errors_of(tmp_path, rows) == [
         "2: invalid JSON: Expecting property name enclosed in double quotes (column 2)",
         "4: messages: no assistant turn",
-        "6: duplicate of line 1 (same user turns)",
+        "6: duplicate of line 1 (the same whole conversation)",
+    ]
+
+
+def test_the_same_question_with_and_without_a_system_message_or_with_another_answer_is_no_duplicate(tmp_path):
+    rows = [
+        chat("How do I print?"),
+        chat("How do I print?", system="You are an OPL expert."),
+        chat("How do I print?", answer='PRINT "hi"'),
+    ]
+    errors: list[str] = []
+    examples = load_conversations(write_lines(tmp_path / "train.jsonl", rows), errors)
+    assert errors == [] and [e.line for e in examples] == [1, 2, 3]
+
+
+def test_a_copy_of_the_whole_conversation_is_a_duplicate_named_by_file_and_line(tmp_path):
+    rows = [
+        chat("How do I print?", system="Be brief."),
+        chat("How do I loop?"),
+        chat("how do I  print?", system="be BRIEF."),
+    ]
+    errors: list[str] = []
+    path = write_lines(tmp_path / "train.jsonl", rows)
+    examples = load_conversations(path, errors)
+    assert errors == [f"{path}:3: duplicate of line 1 (the same whole conversation)"]
+    assert [e.line for e in examples] == [1, 2]
+
+
+def test_a_legacy_text_row_that_repeats_a_chat_row_is_a_duplicate(tmp_path):
+    legacy = {"text": "<s>[INST] How do I print? [/INST] PROC main:\nENDP </s>"}
+    assert errors_of(tmp_path, [chat("How do I print?"), legacy]) == [
+        "2: duplicate of line 1 (the same whole conversation)"
     ]
 
 
@@ -145,6 +176,13 @@ def test_prepare_rejects_overlap_between_train_and_eval(tmp_path, tiny_params):
     with pytest.raises(PipelineError) as raised:
         prepare(tiny_params, *files)
     assert f"{files[1]}:1: also in the training set at {files[0]}:1 (same user turns)" in str(raised.value)
+
+
+def test_prepare_accepts_a_question_taught_with_and_without_a_system_message(tmp_path, tiny_params):
+    pair = [chat("How do I print?"), chat("How do I print?", system="You are an OPL expert.")]
+    splits, metrics = prepare(tiny_params, *prepare_files(tmp_path, pair, [chat("How do I loop?")]))
+    assert [len(m) for m in splits["train"]] == [2, 3]
+    assert metrics["train"]["conversations"] == 2 and metrics["train"]["with_system"] == 1
 
 
 def test_prepare_rejects_too_long_examples_unless_told_to_drop_them(tmp_path, tiny_params):
