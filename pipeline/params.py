@@ -36,6 +36,11 @@ class DataParams:
     max_seq_length: int = field(default=512, metadata=POSITIVE)
     # false: a longer conversation is an error; true: it is dropped and counted in metrics/data.json.
     drop_too_long: bool = False
+    # Word 3-gram Jaccard similarity from which two texts are near-duplicates: a warning between conversations,
+    # an error between a gate case's prompt and a training user turn (pipeline/data_checks.py).
+    near_duplicate_threshold: float = field(default=0.8, metadata=_check(lambda v: 0 < v <= 1, "must be in (0, 1]"))
+    # Gate case ids whose prompt may appear in the training data (their scores then measure recall).
+    allow_gate_cases: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

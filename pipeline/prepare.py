@@ -15,9 +15,11 @@ from pathlib import Path
 
 from pipeline.cases import load_cases
 from pipeline.common import PipelineError, get_logger, run_cli, write_json_atomic, write_jsonl_atomic
+from pipeline.data_checks import contamination_errors, sensitive_data_errors
 from pipeline.dataset import Example, length_check, load_conversations, overlap_errors
 from pipeline.models import load_tokenizer, token_counter
 from pipeline.params import Params, load_params
+from pipeline.sensitive import load_allowlist
 
 PARAMS = ("data", "base.model", "base.revision", "base.trust_remote_code")
 
@@ -46,13 +48,22 @@ def data_error(errors: list[str]) -> PipelineError:
     return PipelineError(f"{len(errors)} problem(s) in the data:\n  " + "\n  ".join(errors))
 
 
-def prepare(params: Params, train_path: Path, eval_path: Path, cases_path: Path) -> tuple[dict, dict]:
-    """(prepared splits as message lists, metrics); raises one PipelineError listing every problem."""
+def prepare(
+    params: Params, train_path: Path, eval_path: Path, cases_path: Path, allowlist_path: Path | None = None
+) -> tuple[dict, dict]:
+    """(prepared splits as message lists, metrics); raises one PipelineError listing every problem.
+    `allowlist_path`: deliberate example secrets/addresses (pipeline.sensitive); missing = none allowed."""
     errors: list[str] = []
     train = load_conversations(train_path, errors)
     evaluation = load_conversations(eval_path, errors)
     cases = load_cases(cases_path, errors)
     errors.extend(overlap_errors(train, evaluation))
+    checks = params.data
+    errors.extend(
+        contamination_errors(train, cases, str(cases_path), checks.near_duplicate_threshold, checks.allow_gate_cases)
+    )
+    allowlist = load_allowlist(allowlist_path)
+    errors.extend(sensitive_data_errors([*train, *evaluation], allowlist, str(allowlist_path or "an allowlist file")))
     if not train:
         errors.append(f"{train_path}: no valid conversations")
         raise data_error(errors)  # nothing to measure lengths with
@@ -79,11 +90,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train", type=Path, required=True, help="training conversations (JSON Lines)")
     parser.add_argument("--eval", type=Path, required=True, help="held-out conversations for eval loss")
     parser.add_argument("--cases", type=Path, required=True, help="the gate's evaluation cases")
+    parser.add_argument(
+        "--allowlist", type=Path, help="deliberate example secrets or addresses, one per line (see pipeline.sensitive)"
+    )
     parser.add_argument("--out", type=Path, required=True, help="directory for train.jsonl and eval.jsonl")
     parser.add_argument("--metrics", type=Path, required=True, help="where to write the data metrics (JSON)")
     args = parser.parse_args(argv)
 
-    splits, metrics = prepare(load_params(args.params), args.train, args.eval, args.cases)
+    splits, metrics = prepare(load_params(args.params), args.train, args.eval, args.cases, args.allowlist)
     for name, conversations in splits.items():
         write_jsonl_atomic(args.out / f"{name}.jsonl", [{"messages": m} for m in conversations])
     write_json_atomic(args.metrics, metrics)

@@ -66,6 +66,14 @@ def test_an_empty_file_means_all_defaults():
         ("base: smollm2\n", "params.yaml:1: base: expected a mapping of keys"),
         ("data:\n  max_seq_length: -5\n", "params.yaml:2: data.max_seq_length: must be > 0, got -5"),
         (
+            "data:\n  near_duplicate_threshold: 0\n",
+            "params.yaml:2: data.near_duplicate_threshold: must be in (0, 1], got 0",
+        ),
+        (
+            "data:\n  allow_gate_cases: learn-loop\n",
+            "params.yaml:2: data.allow_gate_cases: expected a list of a string, got 'learn-loop'",
+        ),
+        (
             "convert:\n  outtype: q4_k_m\n",
             "params.yaml:2: convert.outtype: expected one of 'f16', 'bf16', 'f32', 'q8_0', got 'q4_k_m'",
         ),
