@@ -31,10 +31,11 @@ class Example:
     line: int
     messages: list[dict]
     legacy: bool = False
+    indexed: bool = False  # `line` is a 0-based row index (JSON arrays, Parquet, saved datasets): `file:[3]`
 
     @property
     def where(self) -> str:
-        return f"{self.source}:{self.line}"
+        return f"{self.source}:[{self.line}]" if self.indexed else f"{self.source}:{self.line}"
 
     def prompt_key(self) -> str:
         """What makes two examples 'the same question': their user turns, ignoring case and spacing."""
@@ -176,20 +177,28 @@ def load_conversations(path: Path, errors: list[str]) -> list[Example]:
 def conversations_of_rows(rows: list[tuple[int, object]], source: str, errors: list[str]) -> list[Example]:
     """The valid examples of decoded rows; an exact duplicate (the whole conversation again) is an error."""
     examples: list[Example] = []
-    seen: dict[str, int] = {}
     for number, row in rows:
         messages, legacy, problems = parse_example(row)
         errors.extend(f"{source}:{number}: {problem}" for problem in problems)
-        if problems:
-            continue
-        example = Example(source, number, messages, legacy)
+        if not problems:
+            examples.append(Example(source, number, messages, legacy))
+    return without_duplicates(examples, errors)
+
+
+def without_duplicates(examples: list[Example], errors: list[str]) -> list[Example]:
+    """The first of each whole conversation; every later copy is an error naming the first."""
+    kept: list[Example] = []
+    seen: dict[str, Example] = {}
+    for example in examples:
         key = example.conversation_key()
         if key in seen:
-            errors.append(f"{source}:{number}: duplicate of line {seen[key]} (the same whole conversation)")
+            first = seen[key]
+            place = f"line {first.line}" if first.source == example.source and not first.indexed else first.where
+            errors.append(f"{example.where}: duplicate of {place} (the same whole conversation)")
             continue
-        seen[key] = number
-        examples.append(example)
-    return examples
+        seen[key] = example
+        kept.append(example)
+    return kept
 
 
 def overlap_errors(train: list[Example], evaluation: list[Example]) -> list[str]:

@@ -180,7 +180,8 @@ def test_prepare_rejects_overlap_between_train_and_eval(tmp_path, tiny_params):
 
 def test_prepare_accepts_a_question_taught_with_and_without_a_system_message(tmp_path, tiny_params):
     pair = [chat("How do I print?"), chat("How do I print?", system="You are an OPL expert.")]
-    splits, metrics = prepare(tiny_params, *prepare_files(tmp_path, pair, [chat("How do I loop?")]))
+    prepared = prepare(tiny_params, *prepare_files(tmp_path, pair, [chat("How do I loop?")]))
+    splits, metrics = prepared.splits, prepared.metrics
     assert [len(m) for m in splits["train"]] == [2, 3]
     assert metrics["train"]["conversations"] == 2 and metrics["train"]["with_system"] == 1
 
@@ -198,7 +199,8 @@ def test_prepare_rejects_too_long_examples_unless_told_to_drop_them(tmp_path, ti
     assert f"{files[0]}:2: " in message and "tokens after the chat template > data.max_seq_length 512" in message
 
     dropping = dataclasses.replace(tiny_params, data=DataParams(max_seq_length=512, drop_too_long=True))
-    splits, metrics = prepare(dropping, *files)
+    prepared = prepare(dropping, *files)
+    splits, metrics = prepared.splits, prepared.metrics
     assert [m[0]["content"] for m in splits["train"]] == ["short"]
     assert metrics["train"]["dropped_too_long"] == 1 and metrics["train"]["conversations"] == 1
 
@@ -215,7 +217,8 @@ def test_prepare_reports_data_and_case_errors_together(tmp_path, tiny_params):
 
 def test_prepare_metrics_count_conversations_and_tokens(tmp_path, tiny_params):
     files = prepare_files(tmp_path, [chat("a", system="S"), chat("b")], [chat("c")])
-    splits, metrics = prepare(tiny_params, *files)
+    prepared = prepare(tiny_params, *files)
+    splits, metrics = prepared.splits, prepared.metrics
     assert len(splits["train"]) == 2 and len(splits["eval"]) == 1
     assert metrics["train"]["with_system"] == 1 and metrics["train"]["multi_turn"] == 0
     tokens = metrics["train"]["tokens"]
@@ -252,7 +255,8 @@ def test_a_near_duplicate_of_a_gate_prompt_is_an_error_and_a_param_allows_it(tmp
     )
 
     data = dataclasses.replace(tiny_params.data, allow_gate_cases=["learn-local"])
-    splits, _ = prepare(dataclasses.replace(tiny_params, data=data), train, evaluation, case_file)
+    prepared = prepare(dataclasses.replace(tiny_params, data=data), train, evaluation, case_file)
+    splits, _ = prepared.splits, prepared.metrics
     assert len(splits["train"]) == 1
 
     data = dataclasses.replace(tiny_params.data, allow_gate_cases=["learn-locl"])
@@ -284,7 +288,8 @@ def test_a_private_key_and_a_token_in_a_message_are_errors_the_allowlisted_ones_
     assert TOKEN not in str(raised.value) and "b3BlbnNz" not in str(raised.value)  # secrets are never printed
 
     allowlist.write_text(f"# deliberate examples\nsha256:{key_hash}\n{TOKEN}\n")
-    splits, _ = prepare(tiny_params, *files, allowlist)
+    prepared = prepare(tiny_params, *files, allowlist)
+    splits, _ = prepared.splits, prepared.metrics
     assert len(splits["train"]) == 2
 
 
