@@ -17,8 +17,9 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 from pipeline.cases import Case
-from pipeline.dataset import Example, conversation_key
+from pipeline.dataset import Example, conversation_key, overlap_errors
 from pipeline.near_duplicates import contains, jaccard, shingles, similar_pairs
+from pipeline.params import DataParams
 from pipeline.sensitive import Allowlist, sensitive_errors
 
 
@@ -105,3 +106,35 @@ def near_overlap(evaluation: Sequence[Example], train: Sequence[Example], thresh
         for pair in pairs
         if evaluation[pair.first].prompt_key() != train[pair.second].prompt_key()
     ]
+
+
+@dataclass(frozen=True)
+class Review:
+    errors: list[str]  # `file:line: field: reason`: prepare stops
+    near_duplicates: list[NearDuplicate]  # within the training conversations
+    near_overlap: list[NearDuplicate]  # eval -> training
+
+    def warnings(self) -> list[str]:
+        lines = [f"{p.second}: near-duplicate of {p.first} (similarity {p.similarity})" for p in self.near_duplicates]
+        return lines + [
+            f"{p.first}: near-duplicate of the training conversation {p.second} (similarity {p.similarity})"
+            for p in self.near_overlap
+        ]
+
+
+def review(
+    train: Sequence[Example],
+    evaluation: Sequence[Example],
+    cases: Sequence[Case],
+    cases_source: str,
+    data: DataParams,
+    allowlist: Allowlist,
+    allowlist_path: str,
+) -> Review:
+    """Every check across files (prepare and the MR report): train/eval overlap, gate contamination,
+    secrets and personal data; near-duplicates as warnings. `train`: each conversation once."""
+    threshold = data.near_duplicate_threshold
+    errors = overlap_errors(list(train), list(evaluation))
+    errors += contamination_errors(train, cases, cases_source, threshold, data.allow_gate_cases)
+    errors += sensitive_data_errors([*train, *evaluation], allowlist, allowlist_path)
+    return Review(errors, near_duplicates(train, threshold), near_overlap(evaluation, train, threshold))

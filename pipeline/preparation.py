@@ -15,9 +15,9 @@ from pathlib import Path
 
 from pipeline.cases import load_cases
 from pipeline.common import PipelineError
-from pipeline.data_checks import contamination_errors, near_duplicates, near_overlap, sensitive_data_errors
+from pipeline.data_checks import review
 from pipeline.data_stats import length_summary
-from pipeline.dataset import Example, length_check, overlap_errors, without_duplicates
+from pipeline.dataset import Example, length_check, without_duplicates
 from pipeline.models import load_tokenizer, token_counter
 from pipeline.params import Params
 from pipeline.sensitive import load_allowlist
@@ -97,15 +97,11 @@ def prepare(
     held = {id(e) for rows in loaded for e in rows.eval}
     unique_train = [e for rows in loaded if rows.source.role == "train" for e in rows.examples if id(e) not in held]
     evaluation = [e for rows in loaded for e in rows.eval]
-    errors.extend(overlap_errors(unique_train, evaluation))
     checks = params.data
-    errors.extend(
-        contamination_errors(
-            unique_train, cases, str(cases_path), checks.near_duplicate_threshold, checks.allow_gate_cases
-        )
-    )
     allowlist = load_allowlist(allowlist_path)
-    errors.extend(sensitive_data_errors([*unique_train, *evaluation], allowlist, str(allowlist_path or "an allowlist")))
+    named = str(allowlist_path or "an allowlist file (--allowlist)")
+    found = review(unique_train, evaluation, cases, str(cases_path), checks, allowlist, named)
+    errors.extend(found.errors)
     if not unique_train:
         errors.append(f"{train_path or 'data.sources'}: no valid conversations")
         raise data_error(errors)  # nothing to measure lengths with
@@ -138,9 +134,8 @@ def prepare(
         "train": sum(1 for rows in loaded for e in rows.train if id(e) in dropped_ids),
         "eval": sum(1 for rows in loaded for e in rows.eval if id(e) in dropped_ids),
     }
-    threshold = checks.near_duplicate_threshold
-    near = [pair.as_dict() for pair in near_duplicates(unique_train, threshold)]
-    overlap = [pair.as_dict() for pair in near_overlap(evaluation, unique_train, threshold)]
+    near = [pair.as_dict() for pair in found.near_duplicates]
+    overlap = [pair.as_dict() for pair in found.near_overlap]
     metrics = {
         name: split_stats(examples, [measured[id(e.messages)] for e in examples], dropped[name])
         for name, examples in splits_examples.items()
@@ -160,13 +155,11 @@ def prepare(
         for rows in loaded
     }
     metrics["near_duplicates"] = {
-        "threshold": threshold,
+        "threshold": checks.near_duplicate_threshold,
         "train_pairs": len(near),
         "train_eval_pairs": len(overlap),
         "train": near,
         "train_eval": overlap,
     }
-    warnings = [f"{p['second']}: near-duplicate of {p['first']} (similarity {p['similarity']})" for p in near]
-    warnings += [f"{p['first']}: near-duplicate of the training {p['second']} ({p['similarity']})" for p in overlap]
     splits = {name: [e.messages for e in examples] for name, examples in splits_examples.items()}
-    return Prepared(splits, metrics, per_source, warnings)
+    return Prepared(splits, metrics, per_source, found.warnings())

@@ -6,7 +6,8 @@ Sections:
 - dataset: every row added, removed and changed against the target branch (read with
   `git show <target>:data/...`): a row is unchanged when the same whole conversation is still there
   (prepare's duplicate rule), changed when a new row asks a removed row's question, else added or
-  removed (an invalid row too); the rows prepare will reject; token statistics from the base model's
+  removed (an invalid row too); the rows prepare will reject (row problems, duplicates, gate prompts in
+  the training data, secrets: pipeline.data_checks) and the near-duplicate pairs; token statistics from the base model's
   tokenizer and chat template when it can be loaded here, else whitespace words (the report says which);
   gate cases added, removed and changed by id;
 - what would retrain: the stages `dvc repro --dry --allow-missing` would run, and what depends on them;
@@ -27,12 +28,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.cases import load_cases
 from pipeline.common import PipelineError, get_logger, run_cli, write_text_atomic
-from pipeline.dataset import conversation_key, conversations_of_rows, jsonl_rows, parse_example, question_key
+from pipeline.data_checks import Review, review
+from pipeline.dataset import Example, conversation_key, conversations_of_rows, jsonl_rows, parse_example, question_key
 from pipeline.dvc_status import downstream_of, run, stale_stages
+from pipeline.params import DataParams, load_params
+from pipeline.sensitive import load_allowlist
 
 CONVERSATION_FILES = ("data/train.jsonl", "data/eval.jsonl")
 CASES_FILE = "data/gate_cases.jsonl"
+ALLOWLIST_FILE = "data/sensitive_allowlist.txt"
 GATE_REPORT = Path("reports/gate.md")
 GATE_METRICS = Path("metrics/gate.json")
 PLOTS = ("plots/train/loss.tsv", "plots/eval/loss.tsv")
@@ -102,8 +108,8 @@ class Row:
         return question_key(self.messages) if self.messages else None
 
 
-def rows_of(text: str | None, source: str) -> tuple[list[Row], list[str]]:
-    """(every non-blank row, what prepare rejects in this file as `file:line: reason`)."""
+def rows_of(text: str | None, source: str) -> tuple[list[Row], list[str], list[Example]]:
+    """(every non-blank row, what prepare rejects in this file as `file:line: reason`, its valid conversations)."""
     rows: list[Row] = []
     for number, line in enumerate((text or "").splitlines(), start=1):
         if not line.strip():
@@ -114,8 +120,20 @@ def rows_of(text: str | None, source: str) -> tuple[list[Row], list[str]]:
             messages, problems = None, ["invalid JSON"]
         rows.append(Row(number, None if problems else messages, line))
     rejected: list[str] = []
-    conversations_of_rows(jsonl_rows(text or "", source, rejected), source, rejected)
-    return rows, rejected
+    examples = conversations_of_rows(jsonl_rows(text or "", source, rejected), source, rejected)
+    return rows, rejected, examples
+
+
+def data_review(cwd: Path, train: list[Example], evaluation: list[Example]) -> Review:
+    """prepare's checks across the files (gate prompts, secrets, near-duplicates) on this branch's data."""
+    try:
+        data = load_params(cwd / "params.yaml").data
+    except PipelineError:
+        data = DataParams()  # the params job reports the params; the data is still worth checking
+    errors: list[str] = []
+    cases = load_cases(cwd / CASES_FILE, errors)
+    allowlist = load_allowlist(cwd / ALLOWLIST_FILE)
+    return review(train, evaluation, cases, CASES_FILE, data, allowlist, ALLOWLIST_FILE)
 
 
 def compare_rows(old: list[Row], new: list[Row]) -> Changes:
@@ -182,7 +200,6 @@ def make_counter(params_path: Path, corpus: list[str], scratch: Path) -> Counter
     """Token counts with the base model's tokenizer and chat template (as prepare counts), else words."""
     try:
         from pipeline.models import load_tokenizer, token_counter
-        from pipeline.params import load_params
 
         base = load_params(params_path).base
         tokenizer = load_tokenizer(base, corpus, scratch)
@@ -218,6 +235,7 @@ def dataset_section(target: str, cwd: Path, counter_factory: Callable[[list[str]
         path: (file_at(target, path, cwd), (cwd / path).read_text(encoding="utf-8")) for path in CONVERSATION_FILES
     }
     parsed = {path: (rows_of(old, path), rows_of(new, path)) for path, (old, new) in files.items()}
+    found = data_review(cwd, *(parsed[path][1][2] for path in CONVERSATION_FILES))
     # the `tiny` base builds its tokenizer from the training text, as prepare does
     training = [row.messages for row in parsed[CONVERSATION_FILES[0]][1][0] if row.messages]
     counter = counter_factory([m["content"] for messages in training for m in messages])
@@ -227,7 +245,8 @@ def dataset_section(target: str, cwd: Path, counter_factory: Callable[[list[str]
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     details: list[str] = []
-    for path, ((old, _), (new, rejected)) in parsed.items():
+    for path, ((old, _, _), (new, rejected, _)) in parsed.items():
+        rejected = rejected + [error for error in found.errors if error.startswith(f"{path}:")]
         changes = compare_rows(old, new)
         before = length_stats([row.messages for row in old if row.messages], counter)
         after = length_stats([row.messages for row in new if row.messages], counter)
@@ -244,6 +263,11 @@ def dataset_section(target: str, cwd: Path, counter_factory: Callable[[list[str]
             details += [f"  - `{problem}`" for problem in rejected[:LISTED]]
             details += [f"  - … {len(rejected) - LISTED} more"] if len(rejected) > LISTED else []
         details += change_list(path, changes, counter)
+    warnings = found.warnings()
+    if warnings:
+        details.append(f"- {len(warnings)} near-duplicate pair(s) (warnings, both places named):")
+        details += [f"  - `{warning}`" for warning in warnings[:LISTED]]
+        details += [f"  - … {len(warnings) - LISTED} more"] if len(warnings) > LISTED else []
     lines += ["", *details] if details else []
     return lines
 

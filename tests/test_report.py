@@ -268,3 +268,24 @@ def test_an_unknown_target_branch_is_one_clear_error(repo):
     assert cli.returncode == 1
     assert cli.stderr.startswith("error: target branch 'develop'")
     assert "Traceback" not in cli.stderr
+
+
+def test_near_duplicates_and_a_pasted_gate_prompt_are_listed_with_their_places(repo):
+    train = repo / "data" / "train.jsonl"
+    before = rows(train)
+    near = json.loads(json.dumps(before[2]))
+    near["messages"][-1]["content"] += " Done."  # the same conversation, one word more
+    prompt = rows(repo / "data" / "gate_cases.jsonl")[0]
+    pasted = {"messages": [{"role": "user", "content": prompt["prompt"]}, {"role": "assistant", "content": "PROC"}]}
+    write_rows(train, [*before, near, pasted])
+    commit(repo)
+
+    text = "\n".join(dataset_section("origin/main", repo, lambda corpus: WORDS))
+    n = len(before)
+    assert "- 1 near-duplicate pair(s) (warnings, both places named):" in text
+    assert f"  - `data/train.jsonl:{n + 1}: near-duplicate of data/train.jsonl:3 (similarity 0.9" in text
+    assert "- `data/train.jsonl`: prepare will reject 1 row(s) (the data job stops):" in text
+    assert (
+        f"  - `data/train.jsonl:{n + 2}: messages[0].content: contains the prompt of gate case '{prompt['id']}' "
+        "(data/gate_cases.jsonl:1)" in text
+    )
