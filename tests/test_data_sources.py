@@ -6,6 +6,9 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -290,3 +293,43 @@ def test_the_length_histogram_is_a_small_png_with_reproducible_bytes(tmp_path):
     assert length_summary(lengths["data/train.jsonl"], 512) == {
         "total": 1170, "min": 43, "median": 110.0, "p95": 600, "max": 600, "over_length": 1,
     }  # fmt: skip
+
+
+def data_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.data", *args], cwd=cwd, env=env, capture_output=True, text=True
+    )
+
+
+def test_data_convert_writes_messages_that_prepare_reads_and_stops_on_a_bad_row(tmp_path):
+    source = tmp_path / "theirs.csv"
+    source.write_text('question,answer\nHow do I print?,"PRINT ""hi"""\n')
+    out = tmp_path / "data" / "theirs.jsonl"
+    result = data_cli("convert", "--format", "csv", "--input", str(source), "--output", str(out),
+                      "--column", "prompt=question", "--column", "response=answer")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert out.read_text() == json.dumps({"messages": QA}) + "\n"
+
+    source.write_text("question,answer\nNo answer,\n")
+    result = data_cli("convert", "--format", "csv", "--input", str(source), "--output", str(tmp_path / "x.jsonl"),
+                      "--column", "prompt=question", "--column", "response=answer")  # fmt: skip
+    assert result.returncode == 1 and not (tmp_path / "x.jsonl").exists()
+    assert result.stderr.strip().splitlines()[-2:] == [
+        f"error: 1 problem(s) in {source}:",
+        f"  {source}:2: conversation[1].content: empty",
+    ]
+
+
+def test_data_check_and_stats_run_prepares_checks_without_dvc(tmp_path):
+    ok = data_cli("check")  # the committed data with the committed params
+    assert ok.returncode == 0, ok.stderr
+    assert "ok: 56 training and 9 eval conversations from 2 source(s), 0 near-duplicate warning(s)" in ok.stderr
+    stats = data_cli("stats", "--plot", str(tmp_path / "lengths.png"))
+    assert json.loads(stats.stdout)["sources"]["data/train.jsonl"]["tokens"]["max"] == 209
+    assert (tmp_path / "lengths.png").read_bytes() == (ROOT / "reports" / "data_lengths.png").read_bytes()
+
+    bad = write_jsonl(tmp_path / "train.jsonl", [{"messages": QA}, {"messages": QA}])
+    failed = data_cli("check", "--train", str(bad), "--eval", str(DATA / "eval.jsonl"))
+    assert failed.returncode == 1 and "Traceback" not in failed.stderr
+    assert f"  {bad}:2: duplicate of line 1 (the same whole conversation)" in failed.stderr.splitlines()
