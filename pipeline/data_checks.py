@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 
 from pipeline.cases import Case
 from pipeline.dataset import Example, conversation_key, overlap_errors
-from pipeline.near_duplicates import contains, jaccard, shingles, similar_pairs
+from pipeline.near_duplicates import jaccard, shingles, similar_pairs, word_line, words
 from pipeline.params import DataParams
 from pipeline.sensitive import Allowlist, sensitive_errors
 
@@ -46,27 +46,34 @@ def contamination_errors(
         for case_id in allowed
         if case_id not in {case.id for case in cases}
     ]
+    # each training user turn normalised once: (example, message index, its words, its shingles)
+    turns = [
+        (example, index, word_line(message["content"]), shingles(message["content"]))
+        for example in train
+        for index, message in enumerate(example.messages)
+        if message["role"] == "user"
+    ]
     for case in cases:
-        if case.id in allowed:
+        if case.id in allowed or not words(case.prompt):
             continue
-        prompt = shingles(case.prompt)
-        for example in train:
-            for index, message in enumerate(example.messages):
-                if message["role"] != "user":
+        prompt_line, prompt = word_line(case.prompt), shingles(case.prompt)
+        reported: set[int] = set()  # one error per case and conversation
+        for example, index, line, items in turns:
+            if id(example) in reported:
+                continue
+            if prompt_line in line:
+                how = "contains"
+            else:
+                similarity = jaccard(prompt, items)
+                if similarity < threshold:
                     continue
-                if contains(message["content"], case.prompt):
-                    how = "contains"
-                else:
-                    similarity = jaccard(prompt, shingles(message["content"]))
-                    if similarity < threshold:
-                        continue
-                    how = f"is a near-duplicate (similarity {similarity:.2f}) of"
-                errors.append(
-                    f"{example.where}: {message_field(example, index)}: {how} the prompt of gate case {case.id!r} "
-                    f"({cases_source}:{case.line}): its learn/keep score would measure copying, not learning "
-                    f"(reword one of them, or allow it with data.allow_gate_cases: [{case.id}])"
-                )
-                break  # one error per case and conversation
+                how = f"is a near-duplicate (similarity {similarity:.2f}) of"
+            reported.add(id(example))
+            errors.append(
+                f"{example.where}: {message_field(example, index)}: {how} the prompt of gate case {case.id!r} "
+                f"({cases_source}:{case.line}): its learn/keep score would measure copying, not learning "
+                f"(reword one of them, or allow it with data.allow_gate_cases: [{case.id}])"
+            )
     return errors
 
 

@@ -34,10 +34,10 @@ def jaccard(a: frozenset[str], b: frozenset[str]) -> float:
     return len(a & b) / len(a | b) if a or b else 0.0
 
 
-def contains(haystack: str, needle: str) -> bool:
-    """`needle`'s words appear, in order and adjacent, in `haystack` (a prompt pasted into a longer message)."""
-    inner = words(needle)
-    return bool(inner) and f" {' '.join(inner)} " in f" {' '.join(words(haystack))} "
+def word_line(text: str) -> str:
+    """The text's words, space-separated and padded: "a text's words appear, in order and adjacent, in
+    another's" (a prompt pasted into a longer message) is then a substring test."""
+    return f" {' '.join(words(text))} "
 
 
 @dataclass(frozen=True)

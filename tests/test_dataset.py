@@ -335,3 +335,26 @@ def test_the_committed_data_has_no_secrets_or_personal_data():
     examples = load_conversations(DATA / "train.jsonl", errors) + load_conversations(DATA / "eval.jsonl", errors)
     assert sensitive_data_errors(examples, load_allowlist(None), "allowlist") == []
     assert load_allowlist(DATA / "sensitive_allowlist.txt").texts == frozenset()  # only comments
+
+
+def test_near_duplicates_are_warnings_with_both_places_in_the_metrics(tmp_path, tiny_params):
+    answer = "Use a counter with DO and UNTIL:\nPROC main:\n  LOCAL i%\n  DO\n    i%=i%+1\n  UNTIL i%=3\nENDP"
+    train = [
+        chat("How do I count to three in OPL?", answer),
+        chat("How do I loop?"),
+        chat("How do I count to three in OPL?", answer + "\nGET"),  # one word more: a near-duplicate
+        chat("How do I loop?", system="Be brief."),  # line 2 with a system message: deliberate, not reported
+    ]
+    evaluation = [chat("How do I count to three in OPL, please?"), chat("Something else entirely")]
+    files = prepare_files(tmp_path, train, evaluation)
+    prepared = prepare(tiny_params, *files)
+    near = prepared.metrics["near_duplicates"]
+    train_file, eval_file = files[0], files[1]
+    assert near["train"] == [{"first": f"{train_file}:1", "second": f"{train_file}:3", "similarity": 0.962}]
+    # the eval question, one word more, is 6 of 7 word 3-grams of the training question on lines 1 and 3
+    assert near["train_eval"] == [
+        {"first": f"{eval_file}:1", "second": f"{train_file}:{line}", "similarity": 0.857} for line in (1, 3)
+    ]
+    assert (near["train_pairs"], near["train_eval_pairs"], near["threshold"]) == (1, 2, 0.8)
+    assert prepared.warnings[0] == f"{train_file}:3: near-duplicate of {train_file}:1 (similarity 0.962)"
+    assert len(prepared.splits["train"]) == 4  # warnings do not drop anything
