@@ -379,7 +379,7 @@ def _build(cls: type, raw: Any, prefix: str, errors: list[tuple[str, str]]) -> A
             errors.append((key, f"expected {_describe(tp)}, got {value!r}{hint}"))
             continue
         item = _dataclass_items(tp)
-        if item is not None:  # a list of sections (data.sources): each built and checked like a section
+        if item is not None and value is not None:  # a list of sections (data.sources), each checked as one
             values[name] = [_build(item, entry, f"{key}[{i}].", errors) for i, entry in enumerate(value)]
             continue
         check = spec.metadata.get("check")
