@@ -3,10 +3,12 @@
     python -m pipeline.report --target-branch main --out reports/mr.md
 
 Sections:
-- dataset: conversations added, removed and changed against the target branch (read with
-  `git show <target>:data/...`), matched by their user turns (what makes two examples the same
-  question, as prepare's duplicate check), with token statistics from the base model's tokenizer and
-  chat template when it can be loaded here, else whitespace words (the report says which);
+- dataset: every row added, removed and changed against the target branch (read with
+  `git show <target>:data/...`): a row is unchanged when the same whole conversation is still there
+  (prepare's duplicate rule), changed when a new row asks a removed row's question, else added or
+  removed (an invalid row too); the rows prepare will reject (row problems, duplicates, gate prompts in
+  the training data, secrets: pipeline.data_checks) and the near-duplicate pairs; token statistics from the base model's
+  tokenizer and chat template when it can be loaded here, else whitespace words (the report says which);
   gate cases added, removed and changed by id;
 - what would retrain: the stages `dvc repro --dry --allow-missing` would run, and what depends on them;
 - `dvc params diff --md` and `dvc metrics diff --md` against the target;
@@ -26,12 +28,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.cases import load_cases
 from pipeline.common import PipelineError, get_logger, run_cli, write_text_atomic
-from pipeline.dataset import Example, parse_example
+from pipeline.data_checks import Review, review
+from pipeline.dataset import Example, conversation_key, conversations_of_rows, jsonl_rows, parse_example, question_key
 from pipeline.dvc_status import downstream_of, run, stale_stages
+from pipeline.params import DataParams, load_params
+from pipeline.sensitive import load_allowlist
 
 CONVERSATION_FILES = ("data/train.jsonl", "data/eval.jsonl")
 CASES_FILE = "data/gate_cases.jsonl"
+ALLOWLIST_FILE = "data/sensitive_allowlist.txt"
 GATE_REPORT = Path("reports/gate.md")
 GATE_METRICS = Path("metrics/gate.json")
 PLOTS = ("plots/train/loss.tsv", "plots/eval/loss.tsv")
@@ -77,24 +84,6 @@ def dvc_markdown(command: list[str], cwd: Path) -> str:
 # --- dataset ---
 
 
-def conversations_of(text: str | None, source: str) -> tuple[dict[str, list[dict]], int]:
-    """(question key -> messages, number of rows that are not valid conversations)."""
-    conversations: dict[str, list[dict]] = {}
-    invalid = 0
-    for number, line in enumerate((text or "").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            messages, _, problems = parse_example(json.loads(line))
-        except json.JSONDecodeError:
-            messages, problems = None, ["invalid JSON"]
-        if problems or messages is None:
-            invalid += 1
-            continue
-        conversations.setdefault(Example(source, number, messages).prompt_key(), messages)
-    return conversations, invalid
-
-
 @dataclass
 class Changes:
     added: list = field(default_factory=list)
@@ -103,7 +92,83 @@ class Changes:
     unchanged: int = 0
 
 
+@dataclass(frozen=True)
+class Row:
+    """One non-blank line of a conversation file, valid or not: the report counts every row."""
+
+    line: int
+    messages: list[dict] | None  # None: not a valid conversation (prepare rejects it)
+    text: str
+
+    def key(self) -> str:
+        """Unchanged means the same whole conversation (prepare's duplicate rule), else the same line."""
+        return conversation_key(self.messages) if self.messages else "line:" + self.text.strip()
+
+    def question(self) -> str | None:
+        return question_key(self.messages) if self.messages else None
+
+
+def rows_of(text: str | None, source: str) -> tuple[list[Row], list[str], list[Example]]:
+    """(every non-blank row, what prepare rejects in this file as `file:line: reason`, its valid conversations)."""
+    rows: list[Row] = []
+    for number, line in enumerate((text or "").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            messages, _, problems = parse_example(json.loads(line))
+        except json.JSONDecodeError:
+            messages, problems = None, ["invalid JSON"]
+        rows.append(Row(number, None if problems else messages, line))
+    rejected: list[str] = []
+    examples = conversations_of_rows(jsonl_rows(text or "", source, rejected), source, rejected)
+    return rows, rejected, examples
+
+
+def data_review(cwd: Path, train: list[Example], evaluation: list[Example]) -> Review:
+    """prepare's checks across the files (gate prompts, secrets, near-duplicates) on this branch's data."""
+    try:
+        data = load_params(cwd / "params.yaml").data
+    except PipelineError:
+        data = DataParams()  # the params job reports the params; the data is still worth checking
+    errors: list[str] = []
+    cases = load_cases(cwd / CASES_FILE, errors)
+    allowlist = load_allowlist(cwd / ALLOWLIST_FILE)
+    return review(train, evaluation, cases, CASES_FILE, data, allowlist, ALLOWLIST_FILE)
+
+
+def compare_rows(old: list[Row], new: list[Row]) -> Changes:
+    """Rows matched as a multiset of whole conversations; of the rest, a new row that asks an old row's
+    question is that row changed (in file order), any other new row is added, any other old row removed."""
+    pending: dict[str, list[Row]] = {}
+    for row in old:
+        pending.setdefault(row.key(), []).append(row)
+    changes, unmatched = Changes(), []
+    for row in new:
+        if pending.get(row.key()):
+            pending[row.key()].pop(0)
+            changes.unchanged += 1
+        else:
+            unmatched.append(row)
+    left = sorted((row for rows in pending.values() for row in rows), key=lambda row: row.line)
+    by_question: dict[str, list[Row]] = {}
+    for row in left:
+        if row.question() is not None:
+            by_question.setdefault(row.question(), []).append(row)
+    paired: set[int] = set()
+    for row in unmatched:
+        candidates = by_question.get(row.question() or "", [])
+        if candidates:
+            previous = candidates.pop(0)
+            paired.add(previous.line)
+            changes.changed.append((previous, row))
+        else:
+            changes.added.append(row)
+    changes.removed = [row for row in left if row.line not in paired]
+    return changes
+
+
 def compare(old: dict, new: dict) -> Changes:
+    """Keyed records (gate cases by id): added, removed, changed."""
     changes = Changes()
     for key, value in new.items():
         if key not in old:
@@ -135,7 +200,6 @@ def make_counter(params_path: Path, corpus: list[str], scratch: Path) -> Counter
     """Token counts with the base model's tokenizer and chat template (as prepare counts), else words."""
     try:
         from pipeline.models import load_tokenizer, token_counter
-        from pipeline.params import load_params
 
         base = load_params(params_path).base
         tokenizer = load_tokenizer(base, corpus, scratch)
@@ -170,48 +234,62 @@ def dataset_section(target: str, cwd: Path, counter_factory: Callable[[list[str]
     files = {
         path: (file_at(target, path, cwd), (cwd / path).read_text(encoding="utf-8")) for path in CONVERSATION_FILES
     }
-    parsed = {path: (conversations_of(old, path), conversations_of(new, path)) for path, (old, new) in files.items()}
+    parsed = {path: (rows_of(old, path), rows_of(new, path)) for path, (old, new) in files.items()}
+    found = data_review(cwd, *(parsed[path][1][2] for path in CONVERSATION_FILES))
     # the `tiny` base builds its tokenizer from the training text, as prepare does
-    training = parsed[CONVERSATION_FILES[0]][1][0]
-    counter = counter_factory([m["content"] for messages in training.values() for m in messages])
+    training = [row.messages for row in parsed[CONVERSATION_FILES[0]][1][0] if row.messages]
+    counter = counter_factory([m["content"] for messages in training for m in messages])
     lines = ["## Dataset", "", counter.how, ""]
     lines += [
         f"| file | conversations | added | removed | changed | {counter.unit} total | mean | max |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     details: list[str] = []
-    for path, ((old, old_invalid), (new, new_invalid)) in parsed.items():
-        changes = compare(old, new)
-        before, after = length_stats(list(old.values()), counter), length_stats(list(new.values()), counter)
+    for path, ((old, _, _), (new, rejected, _)) in parsed.items():
+        rejected = rejected + [error for error in found.errors if error.startswith(f"{path}:")]
+        changes = compare_rows(old, new)
+        before = length_stats([row.messages for row in old if row.messages], counter)
+        after = length_stats([row.messages for row in new if row.messages], counter)
         lines.append(
-            f"| `{path}` | {before['conversations']} → {after['conversations']} | {len(changes.added)} | "
+            f"| `{path}` | {len(old)} → {len(new)} | {len(changes.added)} | "
             f"{len(changes.removed)} | {len(changes.changed)} | {before['total']} → {after['total']} "
             f"({signed(after['total'] - before['total'])}) | {before['mean']} → {after['mean']} | "
             f"{before['max']} → {after['max']} |"
         )
         if files[path][0] is None:
             details.append(f"- `{path}` is new on this branch.")
-        if new_invalid or old_invalid:
-            details.append(
-                f"- `{path}`: {new_invalid} row(s) here and {old_invalid} on `{target}` are not valid "
-                "conversations (the prepare job lists them)."
-            )
+        if rejected:
+            details.append(f"- `{path}`: prepare will reject {len(rejected)} row(s) (the data job stops):")
+            details += [f"  - `{problem}`" for problem in rejected[:LISTED]]
+            details += [f"  - … {len(rejected) - LISTED} more"] if len(rejected) > LISTED else []
         details += change_list(path, changes, counter)
+    warnings = found.warnings()
+    if warnings:
+        details.append(f"- {len(warnings)} near-duplicate pair(s) (warnings, both places named):")
+        details += [f"  - `{warning}`" for warning in warnings[:LISTED]]
+        details += [f"  - … {len(warnings) - LISTED} more"] if len(warnings) > LISTED else []
     lines += ["", *details] if details else []
     return lines
 
 
 def change_list(path: str, changes: Changes, counter: Counter) -> list[str]:
-    rows = [("added", messages, counter.count(messages)) for messages in changes.added]
-    rows += [("removed", messages, -counter.count(messages)) for messages in changes.removed]
-    rows += [("changed", new, counter.count(new) - counter.count(old)) for old, new in changes.changed]
+    def size(row: Row) -> int:
+        return counter.count(row.messages) if row.messages else 0
+
+    rows = [("added", row, size(row)) for row in changes.added]
+    rows += [("removed", row, -size(row)) for row in changes.removed]
+    rows += [("changed", new, size(new) - size(old)) for old, new in changes.changed]
     if not rows:
         return []
     lines = [f"<details><summary><code>{path}</code>: {len(rows)} change(s)</summary>", ""]
-    lines += [f"| change | first question | Δ {counter.unit} |", "|---|---|---:|"]
-    lines += [f"| {kind} | {first_question(m)} | {signed(delta)} |" for kind, m, delta in rows[:LISTED]]
+    lines += [f"| change | line | first question | Δ {counter.unit} |", "|---|---:|---|---:|"]
+    lines += [
+        f"| {kind} | {row.line} | {first_question(row.messages) if row.messages else '(not a valid conversation)'} "
+        f"| {signed(delta)} |"
+        for kind, row, delta in rows[:LISTED]
+    ]
     if len(rows) > LISTED:
-        lines.append(f"| … | {len(rows) - LISTED} more | |")
+        lines.append(f"| … | | {len(rows) - LISTED} more | |")
     return [*lines, "", "</details>", ""]
 
 

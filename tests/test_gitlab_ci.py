@@ -464,7 +464,7 @@ def test_merge_request_cpu_jobs_run_and_post_the_report_note(gitlab_ci_local, pr
     note = state.notes[0]["body"]
     assert note.startswith(MARKER)
     assert "| `data/train.jsonl` | 56 → 57 | 1 | 0 | 0 |" in note
-    assert "| added | How do I make the Psion beep in OPL? |" in note
+    assert "| added | 57 | How do I make the Psion beep in OPL? |" in note
     assert "Lengths are **tokens** of `tiny` after its chat template." in note
     assert "Inputs changed for: `prepare`, `base`." in note
     assert note == MARKER + "\n" + (project / "reports" / "mr.md").read_text()

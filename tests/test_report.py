@@ -82,11 +82,42 @@ def test_conversations_are_matched_by_question_into_added_removed_and_changed(re
         f"({total_after - total_before:+d}) |" in text
     )
     assert "| `data/eval.jsonl` | 9 → 9 | 0 | 0 | 0 |" in text
-    assert f"| added | How do I make the Psion beep? | +{words(ADDED['messages'])} |" in text
-    assert f"| removed | {removed['messages'][0]['content']} | -{words(removed['messages'])} |" in text
+    assert f"| added | {len(after)} | How do I make the Psion beep? | +{words(ADDED['messages'])} |" in text
+    assert f"| removed | 3 | {removed['messages'][0]['content']} | -{words(removed['messages'])} |" in text
     delta = words(changed["messages"]) - words(before[0]["messages"])
-    assert f"| changed | Write a Hello Chris program for the Psion. | {delta:+d} |" in text
+    assert f"| changed | 1 | Write a Hello Chris program for the Psion. | {delta:+d} |" in text
     assert "Lengths are whitespace-separated **words**" in text
+
+
+def test_a_new_answer_to_a_question_already_in_the_data_counts_as_one_added_row(repo):
+    train = repo / "data" / "train.jsonl"
+    before = rows(train)
+    question = before[1]["messages"][:-1]  # the system message and the question of line 2
+    another = {"messages": [*question, {"role": "assistant", "content": 'PROC hi:\n  PRINT "Hi"\nENDP'}]}
+    write_rows(train, [*before, another])
+    commit(repo)
+
+    text = "\n".join(dataset_section("origin/main", repo, lambda corpus: WORDS))
+    assert f"| `data/train.jsonl` | {len(before)} → {len(before) + 1} | 1 | 0 | 0 |" in text
+    assert f"| added | {len(before) + 1} | {question[-1]['content']} | +{words(another['messages'])} |" in text
+    assert "prepare will reject" not in text  # another answer is not a duplicate
+
+
+def test_rows_prepare_rejects_are_counted_listed_and_named_by_line(repo):
+    train = repo / "data" / "train.jsonl"
+    before = rows(train)
+    write_rows(train, [*before, before[0]])  # a copy of the whole first conversation
+    with open(train, "a") as handle:
+        handle.write("{not json\n")
+    commit(repo)
+
+    text = "\n".join(dataset_section("origin/main", repo, lambda corpus: WORDS))
+    n = len(before)
+    assert f"| `data/train.jsonl` | {n} → {n + 2} | 2 | 0 | 0 |" in text
+    assert "- `data/train.jsonl`: prepare will reject 2 row(s) (the data job stops):" in text
+    assert f"  - `data/train.jsonl:{n + 1}: duplicate of line 1 (the same whole conversation)`" in text
+    assert f"  - `data/train.jsonl:{n + 2}: invalid JSON: Expecting property name enclosed in double quotes" in text
+    assert f"| added | {n + 2} | (not a valid conversation) | 0 |" in text
 
 
 def test_lengths_are_tokens_of_the_base_model_when_its_tokenizer_loads(repo, tmp_path):
@@ -237,3 +268,24 @@ def test_an_unknown_target_branch_is_one_clear_error(repo):
     assert cli.returncode == 1
     assert cli.stderr.startswith("error: target branch 'develop'")
     assert "Traceback" not in cli.stderr
+
+
+def test_near_duplicates_and_a_pasted_gate_prompt_are_listed_with_their_places(repo):
+    train = repo / "data" / "train.jsonl"
+    before = rows(train)
+    near = json.loads(json.dumps(before[2]))
+    near["messages"][-1]["content"] += " Done."  # the same conversation, one word more
+    prompt = rows(repo / "data" / "gate_cases.jsonl")[0]
+    pasted = {"messages": [{"role": "user", "content": prompt["prompt"]}, {"role": "assistant", "content": "PROC"}]}
+    write_rows(train, [*before, near, pasted])
+    commit(repo)
+
+    text = "\n".join(dataset_section("origin/main", repo, lambda corpus: WORDS))
+    n = len(before)
+    assert "- 1 near-duplicate pair(s) (warnings, both places named):" in text
+    assert f"  - `data/train.jsonl:{n + 1}: near-duplicate of data/train.jsonl:3 (similarity 0.9" in text
+    assert "- `data/train.jsonl`: prepare will reject 1 row(s) (the data job stops):" in text
+    assert (
+        f"  - `data/train.jsonl:{n + 2}: messages[0].content: contains the prompt of gate case '{prompt['id']}' "
+        "(data/gate_cases.jsonl:1)" in text
+    )
