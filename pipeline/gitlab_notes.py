@@ -84,7 +84,7 @@ class MergeRequest:
 
 
 @dataclass(frozen=True)
-class Picture:
+class LocalImage:
     """A picture the report links by a relative path, read from beside the report."""
 
     target: str  # the link target as written, e.g. mr-loss.png
@@ -99,9 +99,9 @@ class Picture:
         return Path(self.target).name
 
 
-def local_pictures(body: str, base: Path) -> list[Picture]:
+def local_pictures(body: str, base: Path) -> list[LocalImage]:
     """The pictures `body` links relative to `base` that exist there, each once."""
-    pictures: dict[str, Picture] = {}
+    pictures: dict[str, LocalImage] = {}
     for match in LOCAL_IMAGE.finditer(body):
         target = match["target"]
         path = base / target
@@ -110,7 +110,7 @@ def local_pictures(body: str, base: Path) -> list[Picture]:
         if not path.is_file():
             log.warning("%s: linked picture not found; the link stays as it is", path)
             continue
-        pictures[target] = Picture(target, path.read_bytes())
+        pictures[target] = LocalImage(target, path.read_bytes())
     return list(pictures.values())
 
 
@@ -206,7 +206,7 @@ class NotesClient:
                 return note
         return None
 
-    def upload(self, picture: Picture) -> str:
+    def upload(self, picture: LocalImage) -> str:
         """The picture as a project upload; its URL (/uploads/<secret>/<file>), what notes link to."""
         what = f"POST /projects/{self.merge_request.project_id}/uploads"
         project = self.project
@@ -217,7 +217,7 @@ class NotesClient:
         uploaded = self._call(what, lambda: project.upload(picture.filename, filedata=picture.data))
         return uploaded["url"]
 
-    def upsert(self, body: str, pictures: list[Picture] = ()) -> tuple[str, int]:
+    def upsert(self, body: str, pictures: list[LocalImage] = ()) -> tuple[str, int]:
         """Create the report note, or update the one this token wrote before: ("created"|"updated", note id).
         Pictures whose bytes the note already shows are not uploaded again."""
         existing = self.find_report_note()

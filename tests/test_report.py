@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,8 @@ from scratch_project import copy_project, git
 from pipeline.common import PipelineError
 from pipeline.dataset import parse_example
 from pipeline.dvc_status import downstream_of, is_input_change, stale_stages
-from pipeline.report import build_report, cases_section, dataset_section, make_counter, word_counter
+from pipeline.plots import sweep_png as sweep_picture
+from pipeline.report import build_report, cases_section, dataset_section, make_counter, pictures_of, word_counter
 
 ROOT = Path(__file__).resolve().parent.parent
 WORDS = word_counter("test")
@@ -237,3 +239,64 @@ def test_an_unknown_target_branch_is_one_clear_error(repo):
     assert cli.returncode == 1
     assert cli.stderr.startswith("error: target branch 'develop'")
     assert "Traceback" not in cli.stderr
+
+
+def test_a_case_id_cannot_start_a_line_of_the_report_so_gitlab_runs_no_quick_action(repo):
+    cases = repo / "data" / "gate_cases.jsonl"
+    data = rows(cases)
+    data += [
+        {"id": "/label ~x", "kind": "keep", "prompt": "Water boils at?", "expect": ["100"]},
+        {"id": "x\n/label ~train-candidate", "kind": "keep", "prompt": "Ice melts at?", "expect": ["0"]},
+    ]
+    write_rows(cases, data)
+    commit(repo)
+    text = build_report(repo, "main", {}, lambda corpus: WORDS)
+    assert "added `/label ~x`, added `x /label ~train-candidate`." in text  # shown, inline
+    assert [line for line in text.splitlines() if line.lstrip().startswith("/")] == []
+
+
+LOSS_TSV = "step\tepoch\tloss\n1\t0.1\t2.900000\n2\t0.2\t2.100000\n3\t0.3\t1.500000\n"
+
+
+def test_the_report_command_writes_the_pictures_beside_the_report_with_relative_links(repo):
+    """What a candidate's report job has: the candidate's gate and loss curves, the target's curves exported by
+    the candidate job, a sweep's plot; no GitLab token, so mr.md and its PNGs are the report."""
+    for directory in ("plots", "reports/target-plots"):
+        for kind in ("train", "eval"):
+            (repo / directory / kind).mkdir(parents=True, exist_ok=True)
+            (repo / directory / kind / "loss.tsv").write_text(LOSS_TSV)
+    gate = json.loads((repo / "metrics" / "gate.json").read_text())
+    (repo / "metrics" / "gate.json").write_text(json.dumps({**gate, "learn": {**gate["learn"], "q4_k_m": 0.75}}))
+    (repo / "reports" / "sweep").mkdir(parents=True)
+    sweep_png = sweep_picture([], "recipe")
+    (repo / "reports" / "sweep" / "recipe.png").write_bytes(sweep_png)
+
+    out = repo / "reports" / "mr.md"
+    cli = subprocess.run(
+        [sys.executable, "-m", "pipeline.report", "--words", "--out", str(out)],
+        cwd=repo,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+    )
+    assert cli.returncode == 0, cli.stderr
+    text = out.read_text()
+    links = re.findall(r"!\[([^\]]+)\]\(([^)]+)\)", text)
+    assert [target for _, target in links] == ["mr-loss.png", "mr-gate.png", "mr-sweep-recipe.png"]
+    assert all(alt.startswith(("Loss curves:", "Gate chart:", "Sweep recipe:")) for alt, _ in links)
+    for _, target in links:
+        assert (out.parent / target).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out.parent / "mr-sweep-recipe.png").read_bytes() == sweep_png
+    # readable without the pictures: the gate's table stays, each picture's alt text says what it shows
+    assert "\n## Gate (candidate)\n" in text and "| learn-hello-chris | learn |" in text
+    assert "3 pictures" in cli.stderr
+
+    first = [(out.parent / target).read_bytes() for _, target in links]
+    again = subprocess.run(cli.args, cwd=repo, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True)
+    assert again.returncode == 0
+    assert [(out.parent / target).read_bytes() for _, target in links] == first  # same inputs, same bytes
+
+
+def test_without_a_candidate_or_curves_the_report_has_no_pictures(repo):
+    text = build_report(repo, "main", {}, lambda corpus: WORDS, pictures_of(repo, "origin/main"))
+    assert "## Pictures" not in text
