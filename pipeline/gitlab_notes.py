@@ -41,7 +41,7 @@ from gitlab.v4.objects import ProjectMergeRequest
 from pipeline.common import PipelineError, get_logger, run_cli
 
 MARKER = "<!-- llm-gitops:mr-report -->"
-UPLOADS_MARKER = re.compile(r"^<!-- llm-gitops:uploads (?P<json>\{.*?\}) -->$", re.MULTILINE)
+UPLOADS_MARKER = re.compile(r"<!-- llm-gitops:uploads (?P<json>\{.*\}) -->")  # the note's second line only
 TOKEN_VARIABLE = "GITLAB_REPORT_TOKEN"
 # GitLab refuses note bodies over 1,000,000 characters; keep a margin for the marker and the notice.
 MAX_BODY_CHARS = 999_000
@@ -49,8 +49,10 @@ PER_PAGE = 100
 TIMEOUT_S = 30
 # A page count no merge request reaches: stops a server that keeps sending a next link.
 MAX_PAGES = 1000
-# ![alt](target) with a relative target: a local picture (http:, data: and /uploads/ links stay as they are)
-LOCAL_IMAGE = re.compile(r"!\[(?P<alt>[^\]\n]*)\]\((?P<target>(?![a-zA-Z][a-zA-Z0-9+.-]*:|/)[^)\s]+)\)")
+# ![alt](name.png): a PNG beside the report. Nothing else is uploaded (the report quotes dataset text, and
+# a link to ../../some/file must not publish that file); http:, /uploads/ and other links stay as they are.
+LOCAL_IMAGE = re.compile(r"!\[(?P<alt>[^\]\n]*)\]\((?P<target>[A-Za-z0-9_-][A-Za-z0-9_.-]*\.png)\)")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # GitLab runs a line that starts with `/` as a quick action (/label, /merge, /approve ...)
 QUICK_ACTION = re.compile(r"^([ \t]*)/", re.MULTILINE)
 
@@ -100,23 +102,23 @@ class LocalImage:
 
 
 def local_pictures(body: str, base: Path) -> list[LocalImage]:
-    """The pictures `body` links relative to `base` that exist there, each once."""
+    """The PNGs `body` links that exist beside it (in `base`), each once."""
     pictures: dict[str, LocalImage] = {}
-    for match in LOCAL_IMAGE.finditer(body):
-        target = match["target"]
+    for target in dict.fromkeys(match["target"] for match in LOCAL_IMAGE.finditer(body)):
         path = base / target
-        if target in pictures:
+        data = path.read_bytes() if path.is_file() else b""
+        if not data.startswith(PNG_SIGNATURE):
+            log.warning("%s: not a PNG beside the report; the link stays as it is", path)
             continue
-        if not path.is_file():
-            log.warning("%s: linked picture not found; the link stays as it is", path)
-            continue
-        pictures[target] = LocalImage(target, path.read_bytes())
+        pictures[target] = LocalImage(target, data)
     return list(pictures.values())
 
 
 def uploads_of(note_body: str) -> dict[str, str]:
-    """sha256 -> upload URL remembered in a note this client wrote ({} when it has none or it is unreadable)."""
-    found = UPLOADS_MARKER.search(note_body)
+    """sha256 -> upload URL this client remembered on the note's second line, right after MARKER (report
+    text further down cannot plant one); {} when there is none or it does not read."""
+    lines = note_body.split("\n", 2)
+    found = UPLOADS_MARKER.fullmatch(lines[1]) if len(lines) > 1 and lines[0] == MARKER else None
     try:
         uploads = json.loads(found["json"]) if found else {}
     except json.JSONDecodeError:
@@ -189,15 +191,18 @@ class NotesClient:
         return self.gl.user.id
 
     def notes(self) -> Iterator[dict]:
-        """Every note of the merge request, oldest first, following GitLab's pagination."""
+        """Every note of the merge request, oldest first, fetched page by page (python-gitlab follows the
+        Link header) as the search goes."""
         what = f"GET {self.merge_request.notes_path}"
         pages = self._call(
             what, lambda: self.mr.notes.list(iterator=True, per_page=PER_PAGE, sort="asc", order_by="created_at")
         )
-        for count, note in enumerate(iter(lambda: self._call(what, lambda: next(pages, None)), None)):
-            if count >= MAX_PAGES * PER_PAGE:
-                raise PipelineError(f"GitLab API: more than {MAX_PAGES} pages of notes on one merge request")
+        for _ in range(MAX_PAGES * PER_PAGE):
+            note = self._call(what, lambda: next(pages, None))  # the next page's request happens here
+            if note is None:
+                return
             yield note.attributes
+        raise PipelineError(f"GitLab API: more than {MAX_PAGES} pages of notes on one merge request")
 
     def find_report_note(self) -> dict | None:
         user_id = self.current_user_id()

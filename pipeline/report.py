@@ -147,7 +147,6 @@ def make_counter(params_path: Path, corpus: list[str], scratch: Path) -> Counter
     """Token counts with the base model's tokenizer and chat template (as prepare counts), else words."""
     try:
         from pipeline.models import load_tokenizer, token_counter
-        from pipeline.params import load_params
 
         base = load_params(params_path).base
         tokenizer = load_tokenizer(base, corpus, scratch)

@@ -451,7 +451,7 @@ def test_merge_request_cpu_jobs_run_and_post_the_report_note(gitlab_ci_local, pr
     assert ran.returncode == 0, output[-6000:]
     for job in ("lint", "tests", "validate-data", "mr-report"):
         assert f"PASS  {job}" in output
-    assert "13 passed" in output  # the selected tests really ran
+    assert "14 passed" in output  # the selected tests really ran
     assert "glpat-ci-test" not in output
 
     assert len(state.notes) == 1

@@ -3,6 +3,7 @@ itself cannot run here; the double follows the documented API: PRIVATE-TOKEN, pa
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import re
@@ -214,12 +215,35 @@ def test_with_the_project_path_as_id_the_upload_goes_to_the_numeric_id(gitlab, t
     ]
 
 
-def test_a_picture_link_to_a_missing_file_stays_a_link_and_nothing_is_uploaded(gitlab, tmp_path):
-    report = tmp_path / "mr.md"
-    report.write_text("![Loss curves](mr-loss.png)\n")
+def test_only_pngs_beside_the_report_are_uploaded_and_other_links_stay(gitlab, tmp_path):
+    """The report quotes dataset text: a link it quotes must not publish a file of the runner."""
+    (tmp_path / "secret.png").write_bytes(png((1, 2, 3)))
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "x.png").write_bytes(png((1, 2, 3)))
+    (tmp_path / "report").mkdir()
+    (tmp_path / "report" / "fake.png").write_text("GITLAB_REPORT_TOKEN=glpat-not-a-picture")
+    report = tmp_path / "report" / "mr.md"
+    links = "![a](mr-loss.png) ![b](../secret.png) ![c](sub/x.png) ![d](/etc/passwd) ![e](fake.png) ![f](.ci/env)\n"
+    report.write_text(links)
     post_report(report, ci_env(gitlab))
     assert gitlab.state.uploads == []
-    assert gitlab.state.notes[0]["body"] == f"{MARKER}\n![Loss curves](mr-loss.png)\n"
+    assert gitlab.state.notes[0]["body"] == f"{MARKER}\n{links}"
+
+
+def test_an_uploads_marker_quoted_in_the_report_is_not_trusted(gitlab, tmp_path):
+    """Only the marker line this client writes after MARKER counts: one in the report's text (say, quoted
+    from a dataset row) must not make the note link a picture it did not upload."""
+    report = write_report(tmp_path, png((200, 0, 0)), png((0, 0, 200)))
+    with_pictures = report.read_text()
+    loss = hashlib.sha256((tmp_path / "mr-loss.png").read_bytes()).hexdigest()
+    planted = f'<!-- llm-gitops:uploads {{"{loss}": "/uploads/{"e" * 32}/evil.png"}} -->\n'
+    report.write_text(f"no pictures yet\n{planted}")
+    post_report(report, ci_env(gitlab))
+    report.write_text(with_pictures + planted)
+    post_report(report, ci_env(gitlab))
+    body = gitlab.state.notes[0]["body"]
+    assert len(gitlab.state.uploads) == 2
+    assert upload_urls(body)[:2] == [upload["url"] for upload in gitlab.state.uploads]
 
 
 # --- trust boundary ---

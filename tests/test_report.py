@@ -300,3 +300,17 @@ def test_the_report_command_writes_the_pictures_beside_the_report_with_relative_
 def test_without_a_candidate_or_curves_the_report_has_no_pictures(repo):
     text = build_report(repo, "main", {}, lambda corpus: WORDS, pictures_of(repo, "origin/main"))
     assert "## Pictures" not in text
+
+
+def test_a_picture_other_tooling_wrote_is_embedded_when_listed_and_present(repo):
+    """The hook for pictures made elsewhere (e.g. prepare's token-length histogram): (path, alt) pairs."""
+    histogram = repo / "reports" / "data" / "lengths.png"
+    histogram.parent.mkdir(parents=True)
+    histogram.write_bytes(sweep_picture([], "stand-in"))
+    listed = [("reports/data/lengths.png", "Token lengths per conversation"), ("reports/data/absent.png", "x")]
+    pictures = pictures_of(repo, "origin/main", listed)
+    assert [(p.filename, p.alt, p.data) for p in pictures] == [
+        ("mr-lengths.png", "Token lengths per conversation", histogram.read_bytes())
+    ]
+    text = build_report(repo, "main", {}, lambda corpus: WORDS, pictures)
+    assert "\n## Pictures\n\n![Token lengths per conversation](mr-lengths.png)\n" in text
