@@ -13,6 +13,11 @@ Sections:
 - what would retrain: the stages `dvc repro --dry --allow-missing` would run, and what depends on them;
 - `dvc params diff --md` and `dvc metrics diff --md` against the target;
 - the gate's before/after table (reports/gate.md, metrics/gate.json) when a candidate was trained;
+- pictures (pipeline/plots.py), written beside the report as mr-*.png and linked by relative path: the
+  train and eval loss curves of this branch (plots/) against the target's (reports/target-plots/, which
+  the candidate job exports), the candidate's gate per measure and model with the thresholds, a sweep's
+  plot (reports/sweep/*.png) and any picture listed in EXTRA_PICTURES; `python -m pipeline.gitlab_notes`
+  uploads them into the note;
 - links to the job artifacts (plots) built from GitLab's CI variables.
 The target is `origin/<branch>` when that ref exists (CI fetches it), else the local branch.
 """
@@ -24,16 +29,18 @@ import json
 import os
 import subprocess
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.cases import load_cases
-from pipeline.common import PipelineError, get_logger, run_cli, write_text_atomic
+from pipeline.common import PipelineError, get_logger, run_cli, write_bytes_atomic, write_text_atomic
 from pipeline.data_checks import Review, review
+from pipeline.data_stats import histogram_png
 from pipeline.dataset import Example, conversation_key, conversations_of_rows, jsonl_rows, parse_example, question_key
 from pipeline.dvc_status import downstream_of, run, stale_stages
-from pipeline.params import DataParams, load_params
+from pipeline.params import DataParams, GateParams, load_params
+from pipeline.plots import Picture, Run, gate_png, loss_png, read_curve
 from pipeline.sensitive import load_allowlist
 
 CONVERSATION_FILES = ("data/train.jsonl", "data/eval.jsonl")
@@ -41,7 +48,12 @@ CASES_FILE = "data/gate_cases.jsonl"
 ALLOWLIST_FILE = "data/sensitive_allowlist.txt"
 GATE_REPORT = Path("reports/gate.md")
 GATE_METRICS = Path("metrics/gate.json")
-PLOTS = ("plots/train/loss.tsv", "plots/eval/loss.tsv")
+PLOTS = Path("plots")  # the train stage's {train,eval}/loss.tsv
+TARGET_PLOTS = Path("reports/target-plots")  # the same files of the target branch, when a job exported them
+SWEEP_REPORTS = Path("reports/sweep")  # pipeline.sweep's <sweep>.png
+# Pictures other tooling writes, embedded when the file exists: (path in the project, alt text). The hook
+# for pictures of the dataset, e.g. the token-length histogram of prepare.
+EXTRA_PICTURES: list[tuple[str, str]] = []
 LISTED = 15  # examples listed per change kind; the counts are always complete
 PROMPT_CHARS = 90
 
@@ -305,14 +317,21 @@ def cases_of(text: str | None) -> dict[str, dict]:
     return cases
 
 
+def inline(text: str) -> str:
+    """User text (a case id) on one line, in a code span: a newline in it cannot start a line of the note
+    (where GitLab would run `/label ...` as a quick action) nor end the span."""
+    return " ".join(text.split()).replace("`", "'")
+
+
 def cases_section(target: str, cwd: Path) -> list[str]:
     changes = compare(cases_of(file_at(target, CASES_FILE, cwd)), cases_of((cwd / CASES_FILE).read_text()))
     summary = (
         f"Gate cases (`{CASES_FILE}`): {len(changes.added)} added, {len(changes.removed)} removed, "
         f"{len(changes.changed)} changed, {changes.unchanged} unchanged."
     )
-    named = [f"added `{c['id']}`" for c in changes.added] + [f"removed `{c['id']}`" for c in changes.removed]
-    named += [f"changed `{new['id']}`" for _, new in changes.changed]
+    named = [f"added `{inline(c['id'])}`" for c in changes.added]
+    named += [f"removed `{inline(c['id'])}`" for c in changes.removed]
+    named += [f"changed `{inline(new['id'])}`" for _, new in changes.changed]
     return [summary + (" " + ", ".join(named[:LISTED]) + "." if named else "")]
 
 
@@ -368,6 +387,107 @@ def gate_section(cwd: Path) -> list[str]:
     return lines
 
 
+# --- pictures (pipeline/plots.py draws them) ---
+
+
+def curves_in(directory: Path) -> tuple:
+    return tuple(
+        read_curve(path.read_text(encoding="utf-8"), str(path)) if path.is_file() else None
+        for path in (directory / "train" / "loss.tsv", directory / "eval" / "loss.tsv")
+    )
+
+
+def loss_picture(cwd: Path, head: str, target: str) -> Picture | None:
+    """This branch's loss curves against the target's, when either was written here."""
+    runs = [Run(f"this branch ({head})", *curves_in(cwd / PLOTS)), Run(target, *curves_in(cwd / TARGET_PLOTS))]
+    if not any(run.train or run.eval for run in runs):
+        return None
+    missing = [run.label for run in runs if not (run.train or run.eval)]
+    caption = "Train and eval loss per training step, this branch (solid) against the target (dashed)."
+    if missing:
+        caption += f" No loss curves of {', '.join(missing)} here."
+    return Picture(
+        "mr-loss.png", f"Loss curves: train and eval loss per step, {head} against {target}", caption, loss_png(runs)
+    )
+
+
+def gate_picture(cwd: Path, target: str) -> Picture | None:
+    """The candidate's gate results per measure and model, the thresholds, the target's results marked."""
+    if not written_in_this_pipeline(cwd, GATE_METRICS):
+        return None
+    try:
+        candidate = json.loads((cwd / GATE_METRICS).read_text(encoding="utf-8"))
+        old = json.loads(file_at(target, str(GATE_METRICS), cwd) or "null")
+    except json.JSONDecodeError as error:
+        log.warning("no gate picture: %s is not JSON (%s)", GATE_METRICS, error)
+        return None
+    try:
+        rules = load_params(cwd / "params.yaml").gate
+    except PipelineError as error:
+        log.warning("gate picture: %s; thresholds of the defaults drawn", error)
+        rules = GateParams()
+    alt = "Gate chart: learn and keep scores, reference NLLs and forgetting of the base, merged model and each GGUF"
+    caption = (
+        "The candidate's gate: one bar per model (grey the base, blue merged, green/red each GGUF passing/failing), "
+        f"the pass threshold dashed, `{target}`'s results as black diamonds."
+    )
+    data = gate_png(
+        candidate if isinstance(candidate, dict) else {}, old if isinstance(old, dict) else None, rules, target
+    )
+    return Picture("mr-gate.png", alt, caption, data)
+
+
+def file_pictures(cwd: Path, extra: Sequence[tuple[str, str]]) -> list[Picture]:
+    """PNGs other commands wrote: a sweep's plot, and the EXTRA_PICTURES that exist."""
+    found = [
+        (path, f"mr-sweep-{path.stem}.png", f"Sweep {path.stem}: learn score against forgetting per experiment")
+        for path in sorted((cwd / SWEEP_REPORTS).glob("*.png"))
+    ]
+    found += [(cwd / path, f"mr-{Path(path).stem}.png", alt) for path, alt in extra if (cwd / path).is_file()]
+    return [Picture(filename, alt, f"{alt}.", path.read_bytes()) for path, filename, alt in found]
+
+
+def lengths_picture(
+    cwd: Path, target: str, counter_factory: Callable[[list[str]], Counter], max_seq_length: int
+) -> Picture | None:
+    """Tokens per conversation of this branch's train and eval files against the target's (prepare's
+    histogram, pipeline/data_stats.py), so a reviewer sees what the MR adds to the length distribution."""
+    series: dict[str, list[list[dict]]] = {}
+    for path in CONVERSATION_FILES:
+        for label, text in (
+            ("this branch", (cwd / path).read_text(encoding="utf-8")),
+            (target, file_at(target, path, cwd)),
+        ):
+            rows = rows_of(text, path)[0] if text else []
+            series[f"{Path(path).stem} ({label})"] = [row.messages for row in rows if row.messages]
+    if not any(series.values()):
+        return None
+    training = [m["content"] for messages in series["train (this branch)"] for m in messages]
+    counter = counter_factory(training)
+    lengths = {label: [counter.count(messages) for messages in rows] for label, rows in series.items() if rows}
+    alt = f"Histogram of {counter.unit} per conversation, train and eval, this branch against {target}"
+    caption = (
+        f"{counter.unit.capitalize()} per conversation; the dashed line is data.max_seq_length ({max_seq_length})."
+    )
+    return Picture("mr-data-lengths.png", alt, caption, histogram_png(lengths, max_seq_length))
+
+
+def pictures_of(cwd: Path, target: str, extra: Sequence[tuple[str, str]] = ()) -> list[Picture]:
+    head = run(["git", "rev-parse", "--short", "HEAD"], cwd).stdout.strip() or "workspace"
+    drawn = [loss_picture(cwd, head, target), gate_picture(cwd, target)]
+    return [picture for picture in drawn if picture] + file_pictures(cwd, extra)
+
+
+def pictures_section(pictures: Sequence[Picture]) -> list[str]:
+    """Each picture linked by its file name (beside the report), its alt text saying what it shows."""
+    if not pictures:
+        return []
+    lines = ["## Pictures"]
+    for picture in pictures:
+        lines += ["", f"![{picture.alt}]({picture.filename})", "", f"*{picture.caption}*"]
+    return lines
+
+
 def links_section(env: dict[str, str]) -> list[str]:
     """Links into GitLab for this job's artifacts and the candidate's plots (job id from PLOTS_JOB_ID)."""
     project, job = env.get("CI_PROJECT_URL"), env.get("CI_JOB_ID")
@@ -383,7 +503,11 @@ def links_section(env: dict[str, str]) -> list[str]:
 
 
 def build_report(
-    cwd: Path, target_branch: str, env: dict[str, str], counter_factory: Callable[[list[str]], Counter]
+    cwd: Path,
+    target_branch: str,
+    env: dict[str, str],
+    counter_factory: Callable[[list[str]], Counter],
+    pictures: Sequence[Picture] = (),
 ) -> str:
     target = resolve_target(target_branch, cwd)
     head = run(["git", "rev-parse", "--short", "HEAD"], cwd).stdout.strip() or "workspace"
@@ -395,9 +519,18 @@ def build_report(
         ["## Params", "", dvc_markdown(["dvc", "params", "diff", "--md", target], cwd)],
         ["## Metrics", "", dvc_markdown(["dvc", "metrics", "diff", "--md", target], cwd)],
         gate_section(cwd),
+        pictures_section(pictures),
         links_section(env),
     ]
     return "\n\n".join("\n".join(section) for section in sections if section) + "\n"
+
+
+def max_seq_length(params_path: Path) -> int:
+    try:
+        return load_params(params_path).data.max_seq_length
+    except PipelineError as error:
+        log.warning("data lengths: %s; the default data.max_seq_length drawn", error)
+        return DataParams().max_seq_length
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -416,9 +549,15 @@ def main(argv: list[str] | None = None) -> None:
                 return word_counter("--words was given")
             return make_counter(args.params, corpus, Path(scratch))
 
-        text = build_report(cwd, args.target_branch, dict(os.environ), counter_factory)
+        target = resolve_target(args.target_branch, cwd)
+        pictures = pictures_of(cwd, target, EXTRA_PICTURES)
+        lengths = lengths_picture(cwd, target, counter_factory, max_seq_length(args.params))
+        pictures = [*([lengths] if lengths else []), *pictures]
+        text = build_report(cwd, args.target_branch, dict(os.environ), counter_factory, pictures)
+    for picture in pictures:  # beside the report: its relative links work in any Markdown viewer
+        write_bytes_atomic(args.out.parent / picture.filename, picture.data)
     write_text_atomic(args.out, text)
-    log.info("wrote %s (%d lines)", args.out, text.count("\n"))
+    log.info("wrote %s (%d lines, %d pictures)", args.out, text.count("\n"), len(pictures))
 
 
 if __name__ == "__main__":

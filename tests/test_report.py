@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,16 @@ from scratch_project import copy_project, git
 from pipeline.common import PipelineError
 from pipeline.dataset import parse_example
 from pipeline.dvc_status import downstream_of, is_input_change, stale_stages
-from pipeline.report import build_report, cases_section, dataset_section, make_counter, word_counter
+from pipeline.plots import sweep_png as sweep_picture
+from pipeline.report import (
+    build_report,
+    cases_section,
+    dataset_section,
+    lengths_picture,
+    make_counter,
+    pictures_of,
+    word_counter,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 WORDS = word_counter("test")
@@ -289,3 +299,100 @@ def test_near_duplicates_and_a_pasted_gate_prompt_are_listed_with_their_places(r
         f"  - `data/train.jsonl:{n + 2}: messages[0].content: contains the prompt of gate case '{prompt['id']}' "
         "(data/gate_cases.jsonl:1)" in text
     )
+
+
+def test_a_case_id_cannot_start_a_line_of_the_report_so_gitlab_runs_no_quick_action(repo):
+    cases = repo / "data" / "gate_cases.jsonl"
+    data = rows(cases)
+    data += [
+        {"id": "/label ~x", "kind": "keep", "prompt": "Water boils at?", "expect": ["100"]},
+        {"id": "x\n/label ~train-candidate", "kind": "keep", "prompt": "Ice melts at?", "expect": ["0"]},
+    ]
+    write_rows(cases, data)
+    commit(repo)
+    text = build_report(repo, "main", {}, lambda corpus: WORDS)
+    assert "added `/label ~x`, added `x /label ~train-candidate`." in text  # shown, inline
+    assert [line for line in text.splitlines() if line.lstrip().startswith("/")] == []
+
+
+LOSS_TSV = "step\tepoch\tloss\n1\t0.1\t2.900000\n2\t0.2\t2.100000\n3\t0.3\t1.500000\n"
+
+
+def test_the_report_command_writes_the_pictures_beside_the_report_with_relative_links(repo):
+    """What a candidate's report job has: the candidate's gate and loss curves, the target's curves exported by
+    the candidate job, a sweep's plot; no GitLab token, so mr.md and its PNGs are the report."""
+    for directory in ("plots", "reports/target-plots"):
+        for kind in ("train", "eval"):
+            (repo / directory / kind).mkdir(parents=True, exist_ok=True)
+            (repo / directory / kind / "loss.tsv").write_text(LOSS_TSV)
+    gate = json.loads((repo / "metrics" / "gate.json").read_text())
+    (repo / "metrics" / "gate.json").write_text(json.dumps({**gate, "learn": {**gate["learn"], "q4_k_m": 0.75}}))
+    (repo / "reports" / "sweep").mkdir(parents=True)
+    sweep_png = sweep_picture([], "recipe")
+    (repo / "reports" / "sweep" / "recipe.png").write_bytes(sweep_png)
+
+    out = repo / "reports" / "mr.md"
+    cli = subprocess.run(
+        [sys.executable, "-m", "pipeline.report", "--words", "--out", str(out)],
+        cwd=repo,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+    )
+    assert cli.returncode == 0, cli.stderr
+    text = out.read_text()
+    links = re.findall(r"!\[([^\]]+)\]\(([^)]+)\)", text)
+    assert [target for _, target in links] == [
+        "mr-data-lengths.png",
+        "mr-loss.png",
+        "mr-gate.png",
+        "mr-sweep-recipe.png",
+    ]
+    assert [alt.split(":")[0].split(" of ")[0] for alt, _ in links] == [
+        "Histogram", "Loss curves", "Gate chart", "Sweep recipe"
+    ]  # fmt: skip
+    assert links[0][0] == "Histogram of words per conversation, train and eval, this branch against origin/main"
+    for _, target in links:
+        assert (out.parent / target).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out.parent / "mr-sweep-recipe.png").read_bytes() == sweep_png
+    # readable without the pictures: the gate's table stays, each picture's alt text says what it shows
+    assert "\n## Gate (candidate)\n" in text and "| learn-hello-chris | learn |" in text
+    assert "4 pictures" in cli.stderr
+
+    first = [(out.parent / target).read_bytes() for _, target in links]
+    again = subprocess.run(cli.args, cwd=repo, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True)
+    assert again.returncode == 0
+    assert [(out.parent / target).read_bytes() for _, target in links] == first  # same inputs, same bytes
+
+
+def test_the_length_histogram_draws_this_branch_against_the_target_and_is_the_same_bytes_twice(repo):
+    train = repo / "data" / "train.jsonl"
+    longer = {
+        "messages": [{"role": "user", "content": "Explain PROC."}, {"role": "assistant", "content": "PROC " * 300}]
+    }
+    write_rows(train, [*rows(train), longer])
+    commit(repo)
+    first = lengths_picture(repo, "origin/main", lambda corpus: WORDS, 512)
+    unchanged = lengths_picture(repo, "origin/main", lambda corpus: WORDS, 512)
+    assert first is not None and first.filename == "mr-data-lengths.png"
+    assert first.data[:8] == b"\x89PNG\r\n\x1a\n" and first.data == unchanged.data
+    assert lengths_picture(repo, "origin/main", lambda corpus: WORDS, 256).data != first.data  # the limit is drawn
+
+
+def test_without_a_candidate_or_curves_the_report_has_no_pictures(repo):
+    text = build_report(repo, "main", {}, lambda corpus: WORDS, pictures_of(repo, "origin/main"))
+    assert "## Pictures" not in text
+
+
+def test_a_picture_other_tooling_wrote_is_embedded_when_listed_and_present(repo):
+    """The hook for pictures made elsewhere (e.g. prepare's token-length histogram): (path, alt) pairs."""
+    histogram = repo / "reports" / "data" / "lengths.png"
+    histogram.parent.mkdir(parents=True)
+    histogram.write_bytes(sweep_picture([], "stand-in"))
+    listed = [("reports/data/lengths.png", "Token lengths per conversation"), ("reports/data/absent.png", "x")]
+    pictures = pictures_of(repo, "origin/main", listed)
+    assert [(p.filename, p.alt, p.data) for p in pictures] == [
+        ("mr-lengths.png", "Token lengths per conversation", histogram.read_bytes())
+    ]
+    text = build_report(repo, "main", {}, lambda corpus: WORDS, pictures)
+    assert "\n## Pictures\n\n![Token lengths per conversation](mr-lengths.png)\n" in text
