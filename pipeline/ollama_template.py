@@ -2,7 +2,9 @@
 
 A fine-tune is trained on what the tokenizer's Jinja `chat_template` renders; Ollama serves it with
 the Modelfile's Go TEMPLATE. `FAMILIES` holds, per chat family, the markers that recognise its
-Jinja template, the Go TEMPLATE that renders the same prompt, and Ollama's stop list.
+Jinja template, the Go TEMPLATE that renders the same prompt, and Ollama's stop list. A family's
+name is also what `base.chat_template` names (pipeline.chat_templates.CHAT_TEMPLATES holds the
+Jinja a base without one is given).
 `check_parity` proves the two agree on given conversations, as text and as llama.cpp's token ids.
 
 The prompt Ollama builds from a TEMPLATE comes from `pipeline.go_template.render_prompt` (Ollama's
@@ -30,16 +32,24 @@ class ChatFamily:
 
 
 SMOLLM2_DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+QWEN25_DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 
-# ChatML as SmolLM2 ships it: its Jinja adds a default system message when the conversation has none.
-CHATML_SMOLLM2_TEMPLATE = (
-    "{{- range $i, $m := .Messages }}\n"
-    '{{- if and (eq $i 0) (ne $m.Role "system") }}<|im_start|>system\n'
-    f"{SMOLLM2_DEFAULT_SYSTEM}<|im_end|>\n"
-    "{{ end }}<|im_start|>{{ $m.Role }}\n"
-    "{{ $m.Content }}<|im_end|>\n"
-    "{{ end }}<|im_start|>assistant\n"
-)
+
+def chatml_with_default_system(system: str) -> str:
+    """ChatML whose Jinja adds a default system message when the conversation has none (SmolLM2, Qwen2.5)."""
+    return (
+        "{{- range $i, $m := .Messages }}\n"
+        '{{- if and (eq $i 0) (ne $m.Role "system") }}<|im_start|>system\n'
+        f"{system}<|im_end|>\n"
+        "{{ end }}<|im_start|>{{ $m.Role }}\n"
+        "{{ $m.Content }}<|im_end|>\n"
+        "{{ end }}<|im_start|>assistant\n"
+    )
+
+
+CHATML_SMOLLM2_TEMPLATE = chatml_with_default_system(SMOLLM2_DEFAULT_SYSTEM)
+# Qwen2.5-Instruct's template without tools (a request with tools is not served by this TEMPLATE).
+CHATML_QWEN25_TEMPLATE = chatml_with_default_system(QWEN25_DEFAULT_SYSTEM)
 CHATML_TEMPLATE = (
     "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n"
 )
@@ -73,16 +83,18 @@ LLAMA3_TEMPLATE = (
 class _Row:
     markers: tuple[str, ...]  # all found in the Jinja chat_template -> this family
     family: ChatFamily
+    # none of these may be in it: what the family's TEMPLATE does not render (e.g. Qwen3's <think> block)
+    excludes: tuple[str, ...] = ()
 
 
+CHATML_STOP = ("<|im_start|>", "<|im_end|>")
 # First matching row wins, so a specific variant comes before its general form. Stop lists are
 # Ollama's own (template/<name>.json).
 FAMILIES: tuple[_Row, ...] = (
-    _Row(
-        ("<|im_start|>", SMOLLM2_DEFAULT_SYSTEM),
-        ChatFamily("chatml-smollm2", CHATML_SMOLLM2_TEMPLATE, ("<|im_start|>", "<|im_end|>")),
-    ),
-    _Row(("<|im_start|>", "<|im_end|>"), ChatFamily("chatml", CHATML_TEMPLATE, ("<|im_start|>", "<|im_end|>"))),
+    _Row(("<|im_start|>", SMOLLM2_DEFAULT_SYSTEM), ChatFamily("chatml-smollm2", CHATML_SMOLLM2_TEMPLATE, CHATML_STOP)),
+    _Row(("<|im_start|>", QWEN25_DEFAULT_SYSTEM), ChatFamily("qwen2.5", CHATML_QWEN25_TEMPLATE, CHATML_STOP)),
+    # not Qwen3's: its <think> block is not plain ChatML
+    _Row(("<|im_start|>", "<|im_end|>"), ChatFamily("chatml", CHATML_TEMPLATE, CHATML_STOP), excludes=("<think>",)),
     _Row(
         ("[INST]", "<<SYS>>"),
         ChatFamily("llama2", LLAMA2_TEMPLATE, ("[INST]", "[/INST]", "<<SYS>>", "<</SYS>>")),
@@ -90,6 +102,7 @@ FAMILIES: tuple[_Row, ...] = (
     _Row(
         ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
         ChatFamily("llama3", LLAMA3_TEMPLATE, ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")),
+        excludes=("Cutting Knowledge Date",),  # not Llama-3.1+'s: its date header is not rendered here
     ),
 )
 
@@ -100,7 +113,7 @@ def family_for(tokenizer) -> ChatFamily:
     if not isinstance(template, str) or not template:
         raise PipelineError("the tokenizer has no chat template (or several named ones): no TEMPLATE can match it")
     for row in FAMILIES:
-        if all(marker in template for marker in row.markers):
+        if all(marker in template for marker in row.markers) and not any(x in template for x in row.excludes):
             return row.family
     known = ", ".join(row.family.name for row in FAMILIES)
     raise PipelineError(

@@ -71,12 +71,29 @@ class DataParams:
     seed: int = 42
 
 
+def _chat_families() -> list[str]:
+    from pipeline.chat_templates import CHAT_TEMPLATES  # the chat families' one home
+
+    return list(CHAT_TEMPLATES)
+
+
+CHAT_FAMILY = {
+    "check": (
+        lambda v: v is None or v in _chat_families(),
+        lambda: f"must be null or a chat family ({', '.join(_chat_families())})",
+    ),
+    "check_strings": True,
+}
+
+
 @dataclass(frozen=True)
 class BaseParams:
     # smollm2 | tiny | a hub id (org/name) | a local directory
     model: str = "smollm2"
     revision: str | None = None
     trust_remote_code: bool = False
+    # The chat family whose template a base without one (a pretrained model) is given; null = the base's own.
+    chat_template: str | None = field(default=None, metadata=CHAT_FAMILY)
     # dtype of the materialised base; auto keeps the checkpoint's own (float32 for the embedded ones)
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
 
@@ -389,7 +406,8 @@ def _build(cls: type, raw: Any, prefix: str, errors: list[tuple[str, str]]) -> A
         check = spec.metadata.get("check")
         checked = not isinstance(value, str) or spec.metadata.get("check_strings", False)
         if check and checked and not check[0](value):
-            errors.append((key, f"{check[1]}, got {value!r}"))
+            message = check[1]() if callable(check[1]) else check[1]  # callable: choices read when needed
+            errors.append((key, f"{message}, got {value!r}"))
             continue
         values[name] = float(value) if tp is float else value
     return cls(**values)

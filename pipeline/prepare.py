@@ -18,7 +18,7 @@ from pipeline.data_stats import write_histogram
 from pipeline.params import load_params
 from pipeline.preparation import prepare
 
-PARAMS = ("data", "base.model", "base.revision", "base.trust_remote_code")
+PARAMS = ("data", "base.model", "base.revision", "base.trust_remote_code", "base.chat_template")
 
 log = get_logger("prepare")
 

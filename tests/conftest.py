@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -235,3 +236,40 @@ def tiny_gguf(tiny_merged, tmp_path_factory) -> Run:
 def smollm2_gguf(smollm2_base, tmp_path_factory) -> Run:
     out = tmp_path_factory.mktemp("smollm2-gguf") / "model-f16.gguf"
     return run_stage("pipeline.convert", "convert:\n  outtype: f16\n", out, "--model", str(smollm2_base))
+
+
+# --- the tiny models of the other families (pipeline/tiny_families.py), as merge writes them ---
+
+
+@pytest.fixture(scope="session")
+def family_merged(tmp_path_factory) -> Callable[[str], Path]:
+    """family name -> its tiny model saved as stage merge saves (fp16 safetensors, tokenizer), built once."""
+    from pipeline import tiny_families
+
+    built: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in built:
+            source = tmp_path_factory.mktemp(f"{name}-base")
+            tokenizer = tiny_families.build_tokenizer(name, corpus_texts(DATA / "train.jsonl"), source)
+            model = tiny_families.build_model(name, tokenizer)
+            built[name] = save_merged_like(model, tokenizer, source, tmp_path_factory.mktemp(f"{name}-merged"))
+        return built[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def family_gguf(family_merged, tmp_path_factory) -> Callable[[str], Run]:
+    """family name -> stage convert's f16 GGUF of its tiny model (through the CLI, timed)."""
+    built: dict[str, Run] = {}
+
+    def get(name: str) -> Run:
+        if name not in built:
+            out = tmp_path_factory.mktemp(f"{name}-gguf") / "model-f16.gguf"
+            built[name] = run_stage(
+                "pipeline.convert", "convert:\n  outtype: f16\n", out, "--model", str(family_merged(name))
+            )
+        return built[name]
+
+    return get

@@ -100,18 +100,50 @@ def probe_ids(model_dir: Path) -> list[int]:
     return tokenizer.apply_chat_template(MULTI_TURN, tokenize=True, return_dict=True)["input_ids"]
 
 
-def run_reference(converter: Path, model_dir: Path, out: Path) -> Path:
+# Runs llama.cpp's converter with extra (CHKTXT ids hash -> pre-tokenizer) rows in its table: a tiny
+# vocabulary learned here has ids no real checkpoint has, so upstream's hash table cannot know it.
+REFERENCE_WITH_PRE_TOKENIZERS = """
+import json, runpy, sys
+from hashlib import sha256
+from pathlib import Path
+converter, extra = Path(sys.argv[1]), json.loads(sys.argv[2])
+sys.path[0:0] = [str(converter.parent), str(converter.parent / "gguf-py")]
+from conversion.base import TextModel
+original = TextModel.get_vocab_base_pre
+CHKTXT = json.loads(sys.argv[3])
+def get_vocab_base_pre(self, tokenizer):
+    return extra.get(sha256(str(tokenizer.encode(CHKTXT)).encode()).hexdigest()) or original(self, tokenizer)
+TextModel.get_vocab_base_pre = get_vocab_base_pre
+sys.argv = [str(converter), *sys.argv[4:]]
+runpy.run_path(str(converter), run_name="__main__")
+"""
+
+
+def run_reference(converter: Path, model_dir: Path, out: Path, pre_tokenizers: dict[str, str] | None = None) -> Path:
     """llama.cpp's convert_hf_to_gguf.py on the same directory (its own gguf-py, as it ships)."""
+    from pipeline.gguf_vocab import CHKTXT
+
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     env.pop("NO_LOCAL_GGUF", None)
-    result = subprocess.run(
-        [sys.executable, str(converter), str(model_dir), "--outtype", "f16", "--outfile", str(out)],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
+    arguments = [str(model_dir), "--outtype", "f16", "--outfile", str(out)]
+    if pre_tokenizers:
+        command = ["-c", REFERENCE_WITH_PRE_TOKENIZERS, str(converter), json.dumps(pre_tokenizers), json.dumps(CHKTXT)]
+    else:
+        command = [str(converter)]
+    result = subprocess.run([sys.executable, *command, *arguments], capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     return out
+
+
+def assert_same_gguf(ours: tuple[dict, dict], reference: tuple[dict, dict]) -> None:
+    """Every metadata key (in order), tensor name (in order), type, shape and byte equal (read_gguf's pairs)."""
+    (our_keys, our_tensors), (ref_keys, ref_tensors) = ours, reference
+    assert list(our_keys) == list(ref_keys)  # same keys, written in the same order
+    assert our_keys == ref_keys
+    assert list(our_tensors) == list(ref_tensors)
+    for name, (kind, shape, data) in ref_tensors.items():
+        assert our_tensors[name][:2] == (kind, shape), name
+        assert np.array_equal(our_tensors[name][2], data), f"{name}: bytes differ"
 
 
 # --- the reference: llama.cpp's own converter ---
@@ -135,12 +167,7 @@ def test_f16_gguf_equals_llama_cpp_converters_output(model, request, reference_c
         for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.scores"):
             ref_keys[key][512] = our_keys[key][512]
 
-    assert list(our_keys) == list(ref_keys)  # same keys, written in the same order
-    assert our_keys == ref_keys
-    assert list(our_tensors) == list(ref_tensors)
-    for name, (kind, shape, data) in ref_tensors.items():
-        assert our_tensors[name][:2] == (kind, shape), name
-        assert np.array_equal(our_tensors[name][2], data), f"{name}: bytes differ"
+    assert_same_gguf((our_keys, our_tensors), (ref_keys, ref_tensors))
 
 
 def test_llama3_rope_scaling_writes_upstreams_rope_freqs_tensor(tiny_merged, reference_converter, tmp_path):
@@ -348,8 +375,9 @@ def test_an_unsupported_architecture_is_one_clear_error(tiny_merged, tmp_path):
     )
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert (
-        "error: unsupported architecture GPT2LMHeadModel: convert writes LlamaForCausalLM, MistralForCausalLM"
-        in result.stderr
+        "error: unsupported architecture GPT2LMHeadModel: convert writes LlamaForCausalLM, MistralForCausalLM, "
+        "Qwen2ForCausalLM, Qwen3ForCausalLM; to add one, give it a row in ARCHITECTURES (pipeline/gguf_arch.py) "
+        "after what llama.cpp's convert_hf_to_gguf.py writes for it\n" in result.stderr
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 

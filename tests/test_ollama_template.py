@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.cases import load_cases
+from pipeline.chat_templates import CHAT_TEMPLATES, CHATML_CHAT_TEMPLATE
 from pipeline.common import PipelineError
 from pipeline.go_template import render_prompt
 from pipeline.ollama_template import (
@@ -39,11 +40,6 @@ LLAMA3_JINJA = (
     "+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}"
     "{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
     "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
-)
-# Plain ChatML without a default system message (one of Ollama's chatml index entries).
-CHATML_JINJA = (
-    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + "
-    "'\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 GEMMA_JINJA = (
     "{{ bos_token }}{% for message in messages %}<start_of_turn>{{ message['role'] }}\n{{ message['content'] }}"
@@ -132,11 +128,20 @@ def first_style_tiny(tiny_merged):
 
 
 @pytest.fixture(scope="module")
-def family_tokenizers(tiny_tokenizer, smollm2_tokenizer, llama3_model) -> dict:
+def qwen2_tokenizer(family_merged):
+    """The tiny Qwen2's tokenizer (pipeline/tiny_families.py): byte-level BPE, Qwen2.5-Instruct's template."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(family_merged("qwen2"))
+
+
+@pytest.fixture(scope="module")
+def family_tokenizers(tiny_tokenizer, smollm2_tokenizer, llama3_model, qwen2_tokenizer) -> dict:
     return {
         "llama2": tiny_tokenizer,
         "chatml-smollm2": smollm2_tokenizer,
-        "chatml": with_template(smollm2_tokenizer, CHATML_JINJA),
+        "qwen2.5": qwen2_tokenizer,
+        "chatml": with_template(smollm2_tokenizer, CHATML_CHAT_TEMPLATE),
         "llama3": llama3_model[0],
     }
 
@@ -156,9 +161,10 @@ def test_each_family_is_recognised_from_its_jinja_template(name, family_tokenize
     assert family_for(family_tokenizers[name]).name == name
 
 
-def test_the_families_cover_chatml_llama2_and_llama3_with_ollamas_stop_lists():
+def test_the_families_cover_chatml_qwen25_llama2_and_llama3_with_ollamas_stop_lists():
     assert {f: family(f).stop for f in FAMILY_NAMES} == {
         "chatml-smollm2": ("<|im_start|>", "<|im_end|>"),
+        "qwen2.5": ("<|im_start|>", "<|im_end|>"),
         "chatml": ("<|im_start|>", "<|im_end|>"),
         "llama2": ("[INST]", "[/INST]", "<<SYS>>", "<</SYS>>"),
         "llama3": ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
@@ -169,12 +175,30 @@ def test_an_unknown_chat_template_is_an_error_naming_the_row_to_add(smollm2_toke
     with pytest.raises(PipelineError) as error:
         family_for(with_template(smollm2_tokenizer, GEMMA_JINJA))
     assert str(error.value).startswith(
-        "no Ollama TEMPLATE for this chat template (known families: chatml-smollm2, chatml, llama2, llama3); "
+        "no Ollama TEMPLATE for this chat template (known families: chatml-smollm2, qwen2.5, chatml, llama2, llama3); "
         "add a row to FAMILIES in pipeline/ollama_template.py with markers found in it, the Go TEMPLATE and the "
         'stop list. Its start: "{{ bos_token }}{% for message in messages %}<start_of_turn>'
     )
     with pytest.raises(PipelineError, match="the tokenizer has no chat template"):
         family_for(with_template(smollm2_tokenizer, None))
+
+
+@pytest.mark.parametrize("name", CHAT_TEMPLATES)
+def test_each_base_chat_template_choice_is_recognised_as_the_family_it_names(name, smollm2_tokenizer):
+    assert family_for(with_template(smollm2_tokenizer, CHAT_TEMPLATES[name]())).name == name
+
+
+@pytest.mark.parametrize(
+    ("trl_name", "what"), [("qwen3", "Qwen3's <think> block"), ("llama3_1", "Llama-3.1's date header")]
+)
+def test_a_template_a_family_only_resembles_is_refused_not_served_with_the_wrong_template(
+    trl_name, what, smollm2_tokenizer
+):
+    from trl import chat_template_utils
+
+    jinja = getattr(chat_template_utils, f"{trl_name}_chat_template")
+    with pytest.raises(PipelineError, match="no Ollama TEMPLATE for this chat template"):
+        family_for(with_template(smollm2_tokenizer, jinja))
 
 
 # --- the renderer is Ollama's ---
@@ -228,7 +252,7 @@ def test_render_prompt_equals_ollamas_template_package(conversations, ollama_ren
     expected = ollama_render(requests)
     assert all("prompt" in r for r in expected), [r for r in expected if "error" in r][:3]
     got = [render_prompt(r["template"], r["messages"], r["system"] or None) for r in requests]
-    assert len(requests) == len(expected) == 24 * (len(conversations) + 2)
+    assert len(requests) == len(expected) == 2 * (len(FAMILIES) + len(SNIPPETS)) * (len(conversations) + 2)
     compared = zip(requests, got, expected, strict=True)
     assert [(r["template"][:40], r["messages"][:1], g, e["prompt"]) for r, g, e in compared if g != e["prompt"]] == []
 
@@ -307,6 +331,17 @@ def test_llama3_token_ids_match_llama_cpp_with_bos_added_by_llama_cpp(llama3_mod
     assert tokenizer.apply_chat_template(conversations[0], tokenize=False).startswith("<|begin_of_text|>")
     assert render_prompt(family("llama3").template, conversations[0]).startswith("<|start_header_id|>")
     check_parity(tokenizer, family("llama3"), conversations, MODELFILE_SYSTEM, gguf)
+
+
+@pytest.mark.parametrize("system", [None, MODELFILE_SYSTEM], ids=["no-SYSTEM", "SYSTEM"])
+def test_qwen25_token_ids_match_llama_cpp_on_the_tiny_qwen2_gguf(system, qwen2_tokenizer, family_gguf, conversations):
+    from pipeline.llama_runtime import LlamaVocab
+
+    gguf = family_gguf("qwen2").out
+    vocabulary = LlamaVocab(gguf)
+    assert vocabulary.add_bos is False and qwen2_tokenizer.bos_token is None  # Qwen has no BOS
+    vocabulary.close()
+    check_parity(qwen2_tokenizer, family("qwen2.5"), conversations, system, gguf)
 
 
 def test_llama2_token_ids_match_llama_cpp_with_tinys_sentencepiece_style_tokenizer(

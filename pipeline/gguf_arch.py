@@ -1,0 +1,51 @@
+"""The model architectures the pipeline carries from Hugging Face to GGUF, as one table.
+
+Each row says what llama.cpp's convert_hf_to_gguf.py does differently for that architecture, so
+that stage convert (pipeline/convert.py) needs no branch per family and stage base can refuse,
+before training, an architecture that convert could not write.
+
+- `arch`: llama.cpp's architecture (general.architecture, the tensor name map);
+- `permute_qk`: Llama's q/k rows are permuted from HF's rotate-half order to llama.cpp's (LlamaModel);
+  Qwen's rope reads HF's order as it is;
+- `llama_keys`: LlamaModel adds vocab_size and rope.dimension_count after the common keys;
+- `completes_head_dim`: the transformers config fills head_dim in when config.json lacks it (upstream
+  reads the completed config, so then writes attention.key_length / value_length).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import gguf
+
+
+@dataclass(frozen=True)
+class Architecture:
+    arch: gguf.MODEL_ARCH
+    permute_qk: bool
+    llama_keys: bool
+    completes_head_dim: bool
+
+
+LLAMA = Architecture(gguf.MODEL_ARCH.LLAMA, permute_qk=True, llama_keys=True, completes_head_dim=True)
+# Hugging Face architecture -> how it is written (upstream converts Mistral as Llama; Qwen2's q/k/v
+# biases and Qwen3's q/k norms are tensors of the name map, nothing more).
+ARCHITECTURES = {
+    "LlamaForCausalLM": LLAMA,
+    "MistralForCausalLM": LLAMA,
+    "Qwen2ForCausalLM": Architecture(
+        gguf.MODEL_ARCH.QWEN2, permute_qk=False, llama_keys=False, completes_head_dim=False
+    ),
+    "Qwen3ForCausalLM": Architecture(
+        gguf.MODEL_ARCH.QWEN3, permute_qk=False, llama_keys=False, completes_head_dim=True
+    ),
+}
+
+
+def unsupported_architecture(architecture: str) -> str:
+    """The one line that says what convert writes and where another architecture is added."""
+    return (
+        f"unsupported architecture {architecture}: convert writes {', '.join(sorted(ARCHITECTURES))}; "
+        f"to add one, give it a row in ARCHITECTURES (pipeline/gguf_arch.py) after what llama.cpp's "
+        f"convert_hf_to_gguf.py writes for it"
+    )

@@ -1,0 +1,154 @@
+"""Tiny random models of the families beyond Llama, built deterministically, for fast proofs.
+
+Like pipeline.tiny, but one row of FAMILIES per architecture: its transformers config, the special
+tokens and chat template its real checkpoints ship, and a tokenizer of the real kind trained on the
+given texts (byte-level BPE with Qwen's pre-tokenizer, through transformers' own Qwen2Tokenizer).
+No download: the vocabulary is learned here; the chat template is the one TRL stores for that family
+(identical to the checkpoints'). Weights are random from a fixed seed, with biases and norm weights
+drawn too (transformers initialises them to 0 and 1, which would hide a wrong layout).
+Same texts -> byte-identical files.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.chat_templates import trl_template
+from pipeline.common import PipelineError
+
+SEED = 1234
+VOCAB_SIZE = 512  # byte-level BPE: 256 bytes, merges, then the special tokens
+
+
+@dataclass(frozen=True)
+class TinyFamily:
+    name: str
+    config: dict[str, Any]  # transformers config (architectures, model_type, sizes)
+    specials: tuple[str, ...]  # added after the BPE vocabulary, in the checkpoints' order
+    tokens: dict[str, str | None]  # bos / eos / pad / unk as the checkpoints' tokenizer_config.json names them
+    chat_template: Callable[[], str]
+    extra_tokenizer_config: dict[str, Any] = field(default_factory=dict)
+
+
+QWEN_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+QWEN_TOKENS = {"bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "unk_token": None}
+_QWEN_SIZES = {
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,  # GQA, as every Qwen2.5/Qwen3 checkpoint
+    "max_position_embeddings": 1024,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000.0,
+    "tie_word_embeddings": True,  # as Qwen2.5-0.5B/1.5B and Qwen3-0.6B/1.7B
+    "use_sliding_window": False,
+    # wide enough that logits spread out (about ±10) and greedy decoding varies: a real test of the layout
+    "initializer_range": 0.1,
+}
+
+FAMILIES = {
+    # Qwen2 / Qwen2.5: q/k/v biases; Qwen2.5-Instruct's ChatML with its default system message.
+    "qwen2": TinyFamily(
+        "qwen2",
+        {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", **_QWEN_SIZES},
+        QWEN_SPECIALS,
+        QWEN_TOKENS,
+        trl_template("qwen2_5"),
+    ),
+    # Qwen3 dense: no biases, per-head RMSNorm of q and k, an explicit head_dim; its thinking template.
+    "qwen3": TinyFamily(
+        "qwen3",
+        {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", **_QWEN_SIZES, "head_dim": 32},
+        (*QWEN_SPECIALS, "<think>", "</think>"),
+        QWEN_TOKENS,
+        trl_template("qwen3"),
+    ),
+}
+
+
+def family(name: str) -> TinyFamily:
+    if name not in FAMILIES:
+        raise PipelineError(f"no tiny model of family {name!r} (known: {', '.join(FAMILIES)})")
+    return FAMILIES[name]
+
+
+def train_byte_level_bpe(texts: list[str], size: int) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """(vocab, merges) of a byte-level BPE with Qwen's pre-tokenizer, learned from `texts`."""
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    if not any(text.strip() for text in texts):
+        raise PipelineError("tiny: no text to train its tokenizer on (the training data is empty)")
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.normalizer = normalizers.NFC()
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    trainer = trainers.BpeTrainer(
+        vocab_size=size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    tokenizer.train_from_iterator(texts, trainer)
+    model = json.loads(tokenizer.to_str())["model"]
+    return model["vocab"], [tuple(merge) for merge in model["merges"]]
+
+
+def build_tokenizer(name: str, texts: list[str], out: Path):
+    """Write the family's tokenizer files into `out` and return the loaded HF tokenizer."""
+    from tokenizers import AddedToken
+    from transformers import AutoTokenizer
+    from transformers.models.qwen2.tokenization_qwen2 import Qwen2Tokenizer
+
+    spec = family(name)
+    vocab, merges = train_byte_level_bpe(texts, VOCAB_SIZE - len(spec.specials))
+    # the special tokens first, in the checkpoints' order (the class would add eos and pad before the rest)
+    unset = dict.fromkeys(spec.tokens)
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, **unset, **spec.extra_tokenizer_config)
+    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in spec.specials])
+    for key, value in spec.tokens.items():
+        setattr(tokenizer, key, value)
+    tokenizer.chat_template = spec.chat_template()
+    tokenizer.model_max_length = spec.config["max_position_embeddings"]
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(out)
+    return AutoTokenizer.from_pretrained(out)
+
+
+def build_model(name: str, tokenizer):
+    """Random weights of the family's architecture, from SEED; biases and norms drawn as well."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    spec = family(name)
+    config = AutoConfig.for_model(
+        spec.config["model_type"],
+        **{k: v for k, v in spec.config.items() if k != "model_type"},
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(SEED)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    generator = torch.Generator().manual_seed(SEED)
+    with torch.no_grad():
+        for name_, parameter in model.named_parameters():
+            if parameter.dim() == 1:
+                noise = torch.randn(parameter.shape, generator=generator) * 0.1
+                parameter.copy_(noise + (1.0 if name_.endswith("norm.weight") else 0.0))
+    return model
+
+
+def materialise(name: str, texts: list[str], out: Path):
+    """Tokenizer and model of the family, saved into `out` as stage base saves a base (fp32)."""
+    tokenizer = build_tokenizer(name, texts, out)
+    model = build_model(name, tokenizer)
+    model.save_pretrained(out)
+    return tokenizer, model

@@ -1,0 +1,99 @@
+"""Stage base stops, before any weights are loaded, a base the pipeline could not carry to Ollama.
+
+The base here is a local directory (base.model accepts one): the tiny Qwen2 of pipeline/tiny_families.py
+as merge writes it, or copies of it with one file changed.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.common import PipelineError
+from pipeline.params import parse_params
+from tests.conftest import DATA, ROOT
+
+
+def local_copy(source: Path, into: Path, skip: tuple[str, ...] = (), files: dict[str, str] | None = None) -> Path:
+    """`source` with its files linked, less `skip`, and `files` (name -> text) written instead."""
+    into.mkdir()
+    files = files or {}
+    for path in source.iterdir():
+        if path.name not in skip and path.name not in files:
+            (into / path.name).symlink_to(path)
+    for name, text in files.items():
+        (into / name).write_text(text)
+    return into
+
+
+def run_base(tmp_path: Path, model: Path, extra: str = "") -> subprocess.CompletedProcess:
+    tmp_path.mkdir(exist_ok=True)
+    params = tmp_path / "params.yaml"
+    params.write_text(f"base:\n  model: {model}\n{extra}")
+    command = [sys.executable, "-m", "pipeline.base", "--params", str(params), "--corpus", str(DATA / "train.jsonl")]
+    return subprocess.run([*command, "--out", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True)
+
+
+def one_error_line(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    [line] = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    return line
+
+
+def test_an_architecture_convert_cannot_write_stops_base_before_any_weights_are_read(family_merged, tmp_path):
+    gpt2 = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_layer": 2, "n_embd": 64, "n_head": 2}
+    # no weights at all: the stage must stop on the config, before it would look for them
+    config = {"config.json": json.dumps(gpt2)}
+    model = local_copy(family_merged("qwen2"), tmp_path / "gpt2", skip=("model.safetensors",), files=config)
+    line = one_error_line(run_base(tmp_path, model))
+    assert line == (
+        f"error: base.model '{model}': unsupported architecture GPT2LMHeadModel: convert writes LlamaForCausalLM, "
+        "MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM; to add one, give it a row in ARCHITECTURES "
+        "(pipeline/gguf_arch.py) after what llama.cpp's convert_hf_to_gguf.py writes for it"
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_chat_template_without_an_ollama_template_stops_base(family_merged, tmp_path):
+    from trl.chat_template_utils import gemma_chat_template
+
+    model = local_copy(family_merged("qwen2"), tmp_path / "gemma", files={"chat_template.jinja": gemma_chat_template})
+    line = one_error_line(run_base(tmp_path, model))
+    assert line.startswith(
+        f"error: base.model '{model}': no Ollama TEMPLATE for this chat template (known families: chatml-smollm2, "
+        "qwen2.5, chatml, llama2, llama3); add a row to FAMILIES in pipeline/ollama_template.py with markers found "
+        "in it, the Go TEMPLATE and the stop list. Its start: "
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_pretrained_base_without_a_chat_template_needs_base_chat_template(family_merged, tmp_path):
+    model = local_copy(family_merged("qwen2"), tmp_path / "pretrained", skip=("chat_template.jinja",))
+    line = one_error_line(run_base(tmp_path / "without", model))
+    assert line == (
+        f"error: base.model '{model}' ships no chat template (a pretrained base): set base.chat_template to the chat "
+        "family to train and serve it with (chatml, chatml-smollm2, qwen2.5, llama2, llama3)"
+    )
+
+    result = run_base(tmp_path / "with", model, "  chat_template: qwen2.5\n")
+    assert result.returncode == 0, result.stderr[-2000:]
+    from trl.chat_template_utils import qwen2_5_chat_template
+
+    out = tmp_path / "with" / "out"
+    assert (out / "chat_template.jinja").read_text() == qwen2_5_chat_template
+    assert json.loads((out / "base.json").read_text())["architecture"] == "Qwen2ForCausalLM"
+    assert "chat family qwen2.5 (TEMPLATE proven on" in result.stderr
+
+
+def test_base_chat_template_must_name_a_chat_family():
+    with pytest.raises(PipelineError) as error:
+        parse_params("base:\n  model: tiny\n  chat_template: gemma\n")
+    assert str(error.value) == (
+        "invalid params:\n  params.yaml:3: base.chat_template: must be null or a chat family (chatml, "
+        "chatml-smollm2, qwen2.5, llama2, llama3), got 'gemma'"
+    )
+    assert parse_params("base:\n  chat_template: llama2\n").base.chat_template == "llama2"

@@ -1,0 +1,211 @@
+"""Families beyond Llama (Qwen2/2.5, Qwen3): tiny models of each, with Llama's proofs.
+
+Each tiny model (pipeline/tiny_families.py: byte-level BPE learned from our data with Qwen's own
+pre-tokenizer, the family's real chat template, random weights) goes through stage convert and
+through llama.cpp's own convert_hf_to_gguf.py: the files must be equal key for key and byte for
+byte; llama.cpp must compute the HF model's logits and tokenize like the HF tokenizer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import pytest
+
+from pipeline import tiny_families
+from tests.conftest import DATA, MULTI_TURN
+from tests.test_convert import (
+    TEXTS,
+    assert_same_gguf,
+    greedy,
+    hf_logits,
+    hf_model,
+    llama,
+    llama_logits,
+    probe_ids,
+    read_gguf,
+    run_reference,
+)
+
+FAMILIES = list(tiny_families.FAMILIES)
+# |Δlogit| allowed between llama.cpp on the f16 GGUF and HF on the same fp16 weights (llama.cpp also rounds
+# activations to f16 for its matrix products: about 0.01 on logits of ±5 here)
+TOLERANCE = 0.05
+
+
+@pytest.fixture(scope="module")
+def contents(family_gguf) -> Callable[[str], tuple]:
+    """family name -> read_gguf of stage convert's GGUF, read once."""
+    read: dict[str, tuple] = {}
+
+    def get(name: str) -> tuple:
+        if name not in read:
+            read[name] = read_gguf(family_gguf(name).out)
+        return read[name]
+
+    return get
+
+
+def test_the_tiny_tokenizers_are_rebuilt_byte_identically_from_the_same_texts(tmp_path):
+    from pipeline.dataset import corpus_texts
+
+    texts = corpus_texts(DATA / "train.jsonl")
+    for name in ("one", "two"):
+        tiny_families.build_tokenizer("qwen2", texts, tmp_path / name)
+    files = sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert files == ["chat_template.jinja", "tokenizer.json", "tokenizer_config.json"]
+    assert all((tmp_path / "one" / f).read_bytes() == (tmp_path / "two" / f).read_bytes() for f in files)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_each_tiny_model_has_its_familys_layout(name, family_merged, contents):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(family_merged(name))
+    assert len(tokenizer) == tiny_families.VOCAB_SIZE
+    # Qwen's special tokens after the vocabulary, in its order; pad (<|endoftext|>) is not eos (<|im_end|>)
+    specials = tokenizer.convert_tokens_to_ids(list(tiny_families.FAMILIES[name].specials))
+    assert specials == list(range(tiny_families.VOCAB_SIZE - len(specials), tiny_families.VOCAB_SIZE))
+    assert (tokenizer.eos_token, tokenizer.pad_token, tokenizer.bos_token) == ("<|im_end|>", "<|endoftext|>", None)
+    keys, tensors = contents(name)
+    assert "output.weight" not in tensors  # tied embeddings
+    if name == "qwen2":  # q/k/v biases
+        assert tensors["blk.0.attn_q.bias"][:2] == ("F32", (128,)) and tensors["blk.0.attn_k.bias"][1] == (64,)
+        assert "blk.0.attn_q_norm.weight" not in tensors
+    else:  # per-head q/k norms, no biases
+        assert tensors["blk.0.attn_q_norm.weight"][:2] == ("F32", (32,)) and "blk.0.attn_q.bias" not in tensors
+        assert keys["qwen3.attention.key_length"] == 32
+    assert keys["general.architecture"] == name and keys["tokenizer.ggml.pre"] == "qwen2"
+
+
+# --- the reference: llama.cpp's own converter ---
+
+
+def ids_hash(model_dir) -> str:
+    """The hash upstream's pre-tokenizer table is keyed by, for this tokenizer."""
+    from tokenizers import Tokenizer
+
+    from pipeline.gguf_vocab import CHKTXT
+
+    ids = Tokenizer.from_file(str(model_dir / "tokenizer.json")).encode(CHKTXT).ids
+    return hashlib.sha256(str(ids).encode()).hexdigest()
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_f16_gguf_equals_llama_cpp_converters_output(name, family_merged, contents, reference_converter, tmp_path):
+    model_dir = family_merged(name)
+    # the one registration: upstream knows Qwen's pre-tokenizer by the ids of real Qwen vocabularies only
+    reference = run_reference(
+        reference_converter, model_dir, tmp_path / "reference.gguf", {ids_hash(model_dir): "qwen2"}
+    )
+    assert_same_gguf(contents(name), read_gguf(reference))
+
+
+# --- llama.cpp runs it like the HF model ---
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_f16_gguf_logits_match_the_hf_model(name, family_merged, family_gguf):
+    model_dir = family_merged(name)
+    ids = probe_ids(model_dir)
+    expected = hf_logits(hf_model(model_dir), ids)
+    with llama(family_gguf(name).out) as cpp:
+        got = llama_logits(cpp, ids)
+    worst, mean = float(np.abs(got - expected).max()), float(np.abs(got - expected).mean())
+    print(f"{name}: {len(ids)} tokens, |Δlogit| max {worst:.4f} mean {mean:.5f}, range ±{np.abs(expected).max():.1f}")
+    assert np.abs(expected).max() > 3  # logits that spread out: a wrong layout cannot hide in them
+    assert worst < TOLERANCE and mean < TOLERANCE / 10
+    # the same top token wherever HF's top two are further apart than llama.cpp's f16 rounding moves them
+    top2 = np.sort(expected, axis=-1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > TOLERANCE
+    assert clear.mean() > 0.9 and (got.argmax(-1) == expected.argmax(-1))[clear].all()
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_gguf_loads_in_llama_cpp_and_generates_like_hf(name, family_merged, family_gguf):
+    ids = probe_ids(family_merged(name))[:16]
+    with llama(family_gguf(name).out) as cpp:
+        got = greedy(cpp, ids, 12)
+    assert len(set(got)) > 1  # not one token repeated
+    # each token llama.cpp chose is HF's greedy choice on the same prefix, up to a near-tie within TOLERANCE
+    logits = hf_logits(hf_model(family_merged(name)), ids + got)[len(ids) - 1 : -1]
+    chosen = logits[np.arange(len(got)), got]
+    assert (chosen >= logits.max(-1) - TOLERANCE).all(), (got, logits.argmax(-1).tolist())
+
+
+@pytest.fixture(scope="module")
+def tokenizer_pair(family_merged, family_gguf) -> Iterator[Callable[[str], tuple]]:
+    from transformers import AutoTokenizer
+
+    loaded: dict = {}
+    with contextlib.ExitStack() as stack:
+
+        def get(name: str):
+            if name not in loaded:
+                cpp = stack.enter_context(llama(family_gguf(name).out))
+                loaded[name] = (AutoTokenizer.from_pretrained(family_merged(name)), cpp)
+            return loaded[name]
+
+        yield get
+
+
+@pytest.mark.parametrize("text", [*TEXTS, "chat"])
+@pytest.mark.parametrize("name", FAMILIES)
+def test_llama_cpp_tokenizes_like_the_hf_tokenizer(name, text, tokenizer_pair):
+    hf, cpp = tokenizer_pair(name)
+    string = hf.apply_chat_template(MULTI_TURN, tokenize=False) if text == "chat" else TEXTS[text]
+    assert cpp.tokenize(string.encode(), add_bos=False, special=True) == hf.encode(string, add_special_tokens=False)
+    # Qwen adds no BOS: llama.cpp's add_bos follows the GGUF's flag, the tokenizer's its post-processor
+    assert cpp.tokenize(string.encode(), add_bos=True, special=True) == hf.encode(string, add_special_tokens=True)
+
+
+# --- served by the real Ollama, with the TEMPLATE the modelfile stage would write ---
+
+
+@pytest.fixture(scope="module")
+def ollama(ollama_binary, tmp_path_factory) -> Iterator:
+    """A real Ollama server (tests/servers.py builds it from source) for this module."""
+    from tests.servers import OllamaServer
+
+    server = OllamaServer(ollama_binary, tmp_path_factory.mktemp("ollama"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+CHAT_OPTIONS = {"temperature": 0, "top_k": 1, "seed": 42, "num_predict": 8, "repeat_penalty": 1.0}
+
+
+def test_ollama_creates_the_tiny_qwen2_and_answers_through_api_chat(ollama, family_merged, family_gguf, tmp_path):
+    import requests
+    from transformers import AutoTokenizer
+
+    from pipeline.ollama_template import family_for
+
+    tokenizer = AutoTokenizer.from_pretrained(family_merged("qwen2"))
+    family = family_for(tokenizer)
+    gguf = family_gguf("qwen2").out
+    stops = "".join(f'PARAMETER stop "{stop}"\n' for stop in family.stop)
+    (tmp_path / "Modelfile").write_text(f'FROM {gguf}\nTEMPLATE """{family.template}"""\n{stops}')
+    created = ollama.cli("create", "tiny-qwen2", "-f", str(tmp_path / "Modelfile"), timeout=300)
+    assert created.returncode == 0, created.stderr
+
+    messages = [{"role": "user", "content": "Write a Hello Chris program in Psion OPL."}]
+    body = {"model": "tiny-qwen2", "messages": messages, "stream": False, "options": CHAT_OPTIONS}
+    answer = requests.post(f"http://{ollama.address}/api/chat", json=body, timeout=300).json()
+
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
+    with llama(gguf) as cpp:
+        expected = greedy(cpp, prompt, CHAT_OPTIONS["num_predict"])
+    assert family.name == "qwen2.5" and answer["done"] is True, answer
+    assert answer["prompt_eval_count"] == len(prompt)  # the prompt training would have tokenized, no more
+    assert answer["eval_count"] == len(expected) and answer["message"]["content"]
+    # llama.cpp's greedy answer, less the pieces of multi-byte characters Ollama drops from its stream
+    # (the random model writes broken UTF-8 between byte-level tokens)
+    text = iter(tokenizer.decode(expected))
+    assert all(character in text for character in answer["message"]["content"]), (answer, tokenizer.decode(expected))
