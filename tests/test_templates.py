@@ -20,7 +20,15 @@ def trained_runs(ids: list[int], trained: list[bool]) -> list[list[int]]:
     return runs
 
 
-@pytest.mark.parametrize("tokenizer_fixture", ["tiny_tokenizer", "smollm2_tokenizer"])
+@pytest.fixture(scope="module")
+def qwen2_tokenizer(family_merged):
+    """The tiny Qwen2's tokenizer: Qwen2.5-Instruct's template, whose training variant is TRL's."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(family_merged("qwen2"))
+
+
+@pytest.mark.parametrize("tokenizer_fixture", ["tiny_tokenizer", "smollm2_tokenizer", "qwen2_tokenizer"])
 def test_training_template_renders_every_conversation_of_the_dataset_like_the_shipped_one(
     request, tokenizer_fixture, dataset_conversations
 ):
@@ -45,22 +53,31 @@ def test_an_unknown_template_without_a_training_variant_is_a_clear_error(tiny_to
         training_template(tokenizer)
 
 
-def test_smollm2_assistant_mask_covers_each_answer_and_its_im_end_exactly(smollm2_tokenizer):
-    # The same call TRL makes for assistant_only_loss, on SmolLM2's real tokenizer.
-    encoded = smollm2_tokenizer.apply_chat_template(
+@pytest.mark.parametrize(
+    ("tokenizer_fixture", "before", "after"),
+    [
+        ("smollm2_tokenizer", "", ""),
+        # TRL's Qwen2.5 variant trains the newline after the role and the one after <|im_end|> as well
+        ("qwen2_tokenizer", "\n", "\n"),
+    ],
+)
+def test_chatml_assistant_mask_covers_each_answer_and_its_im_end_exactly(request, tokenizer_fixture, before, after):
+    # The same call TRL makes for assistant_only_loss, on SmolLM2's real tokenizer and the tiny Qwen2's.
+    tokenizer = request.getfixturevalue(tokenizer_fixture)
+    encoded = tokenizer.apply_chat_template(
         MULTI_TURN,
-        chat_template=training_template(smollm2_tokenizer),
+        chat_template=training_template(tokenizer),
         return_dict=True,
         return_assistant_tokens_mask=True,
     )
-    shipped = smollm2_tokenizer.apply_chat_template(MULTI_TURN, return_dict=True)["input_ids"]
+    shipped = tokenizer.apply_chat_template(MULTI_TURN, return_dict=True)["input_ids"]
     assert encoded["input_ids"] == shipped
     runs = trained_runs(encoded["input_ids"], [bool(m) for m in encoded["assistant_masks"]])
-    assert [smollm2_tokenizer.decode(run) for run in runs] == [
-        'PROC main:\n  PRINT "Hello Chris"\nENDP<|im_end|>',
-        'PROC main:\n  PRINT "Hello Chris"\n  GET\nENDP<|im_end|>',
+    assert [tokenizer.decode(run) for run in runs] == [
+        before + 'PROC main:\n  PRINT "Hello Chris"\nENDP<|im_end|>' + after,
+        before + 'PROC main:\n  PRINT "Hello Chris"\n  GET\nENDP<|im_end|>' + after,
     ]
     # Each answer starts right after its (untrained) role header.
     for run in runs:
         start = next(i for i in range(len(shipped)) if shipped[i : i + len(run)] == run)
-        assert smollm2_tokenizer.decode(shipped[:start]).endswith("<|im_start|>assistant\n")
+        assert tokenizer.decode(shipped[:start]).endswith("<|im_start|>assistant\n".removesuffix(before))
