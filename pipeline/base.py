@@ -40,14 +40,15 @@ def carriable(base: BaseParams, conversations: list[list[dict]]) -> Check:
         where = f"base.model {base.model!r}"
         if architecture not in ARCHITECTURES:
             raise PipelineError(f"{where}: {unsupported_architecture(architecture)}")
+        prompts = prompts_of(conversations)
         try:
             family = family_for(tokenizer)
             check_training_template(tokenizer, training_template(tokenizer), conversations)
-            check_parity(tokenizer, family, prompts_of(conversations), None, None)
+            check_parity(tokenizer, family, prompts, None, None)
         except PipelineError as error:
             raise PipelineError(f"{where}: {error}") from None
         log.info("%s: %s, chat family %s (TEMPLATE proven on %d prompts)", base.model, architecture, family.name,
-                 len(prompts_of(conversations)))  # fmt: skip
+                 len(prompts))  # fmt: skip
 
     return check
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,6 @@ class TinyFamily:
     specials: tuple[str, ...]  # added after the BPE vocabulary, in the checkpoints' order
     tokens: dict[str, str | None]  # bos / eos / pad / unk as the checkpoints' tokenizer_config.json names them
     chat_template: Callable[[], str]
-    extra_tokenizer_config: dict[str, Any] = field(default_factory=dict)
 
 
 QWEN_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
@@ -110,7 +109,7 @@ def build_tokenizer(name: str, texts: list[str], out: Path):
     vocab, merges = train_byte_level_bpe(texts, VOCAB_SIZE - len(spec.specials))
     # the special tokens first, in the checkpoints' order (the class would add eos and pad before the rest)
     unset = dict.fromkeys(spec.tokens)
-    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, **unset, **spec.extra_tokenizer_config)
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, **unset)
     tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in spec.specials])
     for key, value in spec.tokens.items():
         setattr(tokenizer, key, value)
@@ -144,11 +143,3 @@ def build_model(name: str, tokenizer):
                 noise = torch.randn(parameter.shape, generator=generator) * 0.1
                 parameter.copy_(noise + (1.0 if name_.endswith("norm.weight") else 0.0))
     return model
-
-
-def materialise(name: str, texts: list[str], out: Path):
-    """Tokenizer and model of the family, saved into `out` as stage base saves a base (fp32)."""
-    tokenizer = build_tokenizer(name, texts, out)
-    model = build_model(name, tokenizer)
-    model.save_pretrained(out)
-    return tokenizer, model
