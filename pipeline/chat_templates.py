@@ -72,6 +72,56 @@ def trl_template(name: str) -> Callable[[], str]:
     return read
 
 
+# Qwen3 thinks unless told `enable_thinking=False`; the pipeline trains and serves it thinking off unless
+# asked (Ollama's `think`), so its template's default is turned round: the same text, but the empty
+# <think></think> block of "thinking off" goes into the generation prompt unless enable_thinking is true.
+QWEN3_THINKS_BY_DEFAULT = "{%- if enable_thinking is defined and enable_thinking is false %}"
+QWEN3_THINKING_OFF = "{%- if not (enable_thinking is defined and enable_thinking) %}"
+_QWEN3_ASSISTANT = (  # the assistant turn of Qwen3's template, up to its tool calls
+    "        {%- if loop.index0 > ns.last_query_index %}\n"
+    "            {%- if loop.last or (not loop.last and reasoning_content) %}\n"
+    "                {{- '<|im_start|>' + message.role + '\\n<think>\\n' + reasoning_content.strip('\\n') + "
+    "'\\n</think>\\n\\n' + content.lstrip('\\n') }}\n"
+    "            {%- else %}\n"
+    "                {{- '<|im_start|>' + message.role + '\\n' + content }}\n"
+    "            {%- endif %}\n"
+    "        {%- else %}\n"
+    "            {{- '<|im_start|>' + message.role + '\\n' + content }}\n"
+    "        {%- endif %}\n"
+)
+_QWEN3_ASSISTANT_TRAINED = (  # the same text, everything after the role header inside the markers
+    "        {{- '<|im_start|>' + message.role + '\\n' }}\n"
+    "        {%- generation %}\n"
+    "        {%- if loop.index0 > ns.last_query_index and (loop.last or reasoning_content) %}\n"
+    "            {{- '<think>\\n' + reasoning_content.strip('\\n') + '\\n</think>\\n\\n' + content.lstrip('\\n') }}\n"
+    "        {%- else %}\n"
+    "            {{- content }}\n"
+    "        {%- endif %}\n"
+)
+_QWEN3_END = "        {{- '<|im_end|>\\n' }}\n    {%- elif message.role == \"tool\" %}"
+_QWEN3_END_TRAINED = (
+    "        {{- '<|im_end|>' }}\n        {%- endgeneration %}\n        {{- '\\n' }}\n"
+    '    {%- elif message.role == "tool" %}'
+)
+
+
+def qwen3_thinking_off() -> str:
+    """Qwen3's template (as TRL stores the checkpoints') with thinking off unless enable_thinking is true."""
+    original = trl_template("qwen3")()
+    if original.count(QWEN3_THINKS_BY_DEFAULT) != 1:
+        raise PipelineError("Qwen3's chat template changed: its enable_thinking switch is not where it was")
+    return original.replace(QWEN3_THINKS_BY_DEFAULT, QWEN3_THINKING_OFF)
+
+
+def qwen3_training() -> str:
+    """qwen3_thinking_off with {% generation %} around each assistant turn after its header (TRL's own
+    variant adds <think> blocks to earlier turns, so it does not render like the shipped template)."""
+    shipped = qwen3_thinking_off()
+    if shipped.count(_QWEN3_ASSISTANT) != 1 or shipped.count(_QWEN3_END) != 1:
+        raise PipelineError("Qwen3's chat template changed: its assistant turn is not where it was")
+    return shipped.replace(_QWEN3_ASSISTANT, _QWEN3_ASSISTANT_TRAINED).replace(_QWEN3_END, _QWEN3_END_TRAINED)
+
+
 # Chat family (pipeline/ollama_template.py FAMILIES) -> its Jinja, for a base that ships no chat template
 # (a pretrained base): `base.chat_template` names one of these.
 CHAT_TEMPLATES: dict[str, Callable[[], str]] = {
@@ -80,7 +130,21 @@ CHAT_TEMPLATES: dict[str, Callable[[], str]] = {
     "qwen2.5": trl_template("qwen2_5"),
     "llama2": lambda: LLAMA2_CHAT_TEMPLATE,
     "llama3": trl_template("llama3"),
+    "qwen3": qwen3_thinking_off,
 }
+# (a checkpoint's template, the one the pipeline trains and serves it with: same text, another default)
+SERVING_VARIANTS: tuple[tuple[Callable[[], str], Callable[[], str]], ...] = (
+    (trl_template("qwen3"), qwen3_thinking_off),
+)
+# (shipped template, its training variant), read when needed (from TRL's files)
+LAZY_TRAINING_TEMPLATES: tuple[tuple[Callable[[], str], Callable[[], str]], ...] = (
+    (qwen3_thinking_off, qwen3_training),
+)
+
+
+def serving_template(template: str) -> str:
+    """The chat template the pipeline trains and serves a base with: its own, or its SERVING_VARIANTS row's."""
+    return next((variant() for original, variant in SERVING_VARIANTS if template == original()), template)
 
 
 def chat_template_named(name: str) -> str:
@@ -101,6 +165,9 @@ def training_template(tokenizer) -> str:
         return template
     if template in TRAINING_TEMPLATES:
         return TRAINING_TEMPLATES[template][1]
+    for shipped, training in LAZY_TRAINING_TEMPLATES:
+        if template == shipped():
+            return training()
     try:
         patched = get_training_chat_template(tokenizer)
     except ValueError:

@@ -18,7 +18,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from pipeline.chat_templates import CHAT_TEMPLATES, chat_template_named
+from pipeline.chat_templates import CHAT_TEMPLATES, chat_template_named, serving_template
 from pipeline.common import PipelineError, get_logger
 from pipeline.params import BaseParams
 from pipeline.vocab import save_tokenizer
@@ -76,6 +76,8 @@ def with_chat_template(tokenizer, base: BaseParams):
             f"base.model {base.model!r} ships no chat template (a pretrained base): set base.chat_template to the "
             f"chat family to train and serve it with ({', '.join(CHAT_TEMPLATES)})"
         )
+    elif isinstance(tokenizer.chat_template, str):
+        tokenizer.chat_template = serving_template(tokenizer.chat_template)  # e.g. Qwen3: thinking off unless asked
     return tokenizer
 
 

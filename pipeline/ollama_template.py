@@ -53,6 +53,12 @@ CHATML_QWEN25_TEMPLATE = chatml_with_default_system(QWEN25_DEFAULT_SYSTEM)
 CHATML_TEMPLATE = (
     "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n"
 )
+# Qwen3, thinking off unless asked (pipeline.chat_templates.qwen3_thinking_off): the empty <think> block
+# unless the request sets `think`; no default system message.
+QWEN3_TEMPLATE = (
+    "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n"
+    "{{ if not (and $.IsThinkSet $.Think) }}<think>\n\n</think>\n\n{{ end }}"
+)
 # Llama-2 chat as Hugging Face ships it: the system message inside the first [INST] only, every
 # later turn opened by the BOS text (<s>, a special token to llama.cpp) and closed by </s>.
 LLAMA2_TEMPLATE = (
@@ -93,7 +99,11 @@ CHATML_STOP = ("<|im_start|>", "<|im_end|>")
 FAMILIES: tuple[_Row, ...] = (
     _Row(("<|im_start|>", SMOLLM2_DEFAULT_SYSTEM), ChatFamily("chatml-smollm2", CHATML_SMOLLM2_TEMPLATE, CHATML_STOP)),
     _Row(("<|im_start|>", QWEN25_DEFAULT_SYSTEM), ChatFamily("qwen2.5", CHATML_QWEN25_TEMPLATE, CHATML_STOP)),
-    # not Qwen3's: its <think> block is not plain ChatML
+    _Row(
+        ("<|im_start|>", "{%- if not (enable_thinking is defined and enable_thinking) %}"),
+        ChatFamily("qwen3", QWEN3_TEMPLATE, CHATML_STOP),
+    ),
+    # not Qwen3's (as it ships it thinks by default): its <think> block is not plain ChatML
     _Row(("<|im_start|>", "<|im_end|>"), ChatFamily("chatml", CHATML_TEMPLATE, CHATML_STOP), excludes=("<think>",)),
     _Row(
         ("[INST]", "<<SYS>>"),

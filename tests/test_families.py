@@ -192,28 +192,33 @@ def ollama(ollama_binary, tmp_path_factory) -> Iterator:
 CHAT_OPTIONS = {"temperature": 0, "top_k": 1, "seed": 42, "num_predict": 8, "repeat_penalty": 1.0}
 
 
-def test_ollama_creates_the_tiny_qwen2_and_answers_through_api_chat(ollama, family_merged, family_gguf, tmp_path):
+@pytest.mark.parametrize(("name", "chat_family"), [("qwen2", "qwen2.5"), ("qwen3", "qwen3")])
+def test_ollama_creates_the_tiny_model_and_answers_through_api_chat(
+    name, chat_family, ollama, family_merged, family_gguf, tmp_path
+):
     import requests
     from transformers import AutoTokenizer
 
+    from pipeline.chat_templates import serving_template
     from pipeline.ollama_template import family_for
 
-    tokenizer = AutoTokenizer.from_pretrained(family_merged("qwen2"))
+    tokenizer = AutoTokenizer.from_pretrained(family_merged(name))
+    tokenizer.chat_template = serving_template(tokenizer.chat_template)  # as stage base gives it (Qwen3: no thinking)
     family = family_for(tokenizer)
-    gguf = family_gguf("qwen2").out
+    gguf = family_gguf(name).out
     stops = "".join(f'PARAMETER stop "{stop}"\n' for stop in family.stop)
     (tmp_path / "Modelfile").write_text(f'FROM {gguf}\nTEMPLATE """{family.template}"""\n{stops}')
-    created = ollama.cli("create", "tiny-qwen2", "-f", str(tmp_path / "Modelfile"), timeout=300)
+    created = ollama.cli("create", f"tiny-{name}", "-f", str(tmp_path / "Modelfile"), timeout=300)
     assert created.returncode == 0, created.stderr
 
     messages = [{"role": "user", "content": "Write a Hello Chris program in Psion OPL."}]
-    body = {"model": "tiny-qwen2", "messages": messages, "stream": False, "options": CHAT_OPTIONS}
+    body = {"model": f"tiny-{name}", "messages": messages, "stream": False, "options": CHAT_OPTIONS}
     answer = requests.post(f"http://{ollama.address}/api/chat", json=body, timeout=300).json()
 
     prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
     with llama(gguf) as cpp:
         expected = greedy(cpp, prompt, CHAT_OPTIONS["num_predict"])
-    assert family.name == "qwen2.5" and answer["done"] is True, answer
+    assert family.name == chat_family and answer["done"] is True, answer
     assert answer["prompt_eval_count"] == len(prompt)  # the prompt training would have tokenized, no more
     assert answer["eval_count"] == len(expected) and answer["message"]["content"]
     # llama.cpp's greedy answer, less the pieces of multi-byte characters Ollama drops from its stream

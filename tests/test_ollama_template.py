@@ -136,11 +136,24 @@ def qwen2_tokenizer(family_merged):
 
 
 @pytest.fixture(scope="module")
-def family_tokenizers(tiny_tokenizer, smollm2_tokenizer, llama3_model, qwen2_tokenizer) -> dict:
+def qwen3_tokenizer(family_merged):
+    """The tiny Qwen3's tokenizer with the template the pipeline trains and serves it with (thinking off)."""
+    from transformers import AutoTokenizer
+
+    from pipeline.chat_templates import serving_template
+
+    tokenizer = AutoTokenizer.from_pretrained(family_merged("qwen3"))
+    tokenizer.chat_template = serving_template(tokenizer.chat_template)
+    return tokenizer
+
+
+@pytest.fixture(scope="module")
+def family_tokenizers(tiny_tokenizer, smollm2_tokenizer, llama3_model, qwen2_tokenizer, qwen3_tokenizer) -> dict:
     return {
         "llama2": tiny_tokenizer,
         "chatml-smollm2": smollm2_tokenizer,
         "qwen2.5": qwen2_tokenizer,
+        "qwen3": qwen3_tokenizer,
         "chatml": with_template(smollm2_tokenizer, CHATML_CHAT_TEMPLATE),
         "llama3": llama3_model[0],
     }
@@ -165,6 +178,7 @@ def test_the_families_cover_chatml_qwen25_llama2_and_llama3_with_ollamas_stop_li
     assert {f: family(f).stop for f in FAMILY_NAMES} == {
         "chatml-smollm2": ("<|im_start|>", "<|im_end|>"),
         "qwen2.5": ("<|im_start|>", "<|im_end|>"),
+        "qwen3": ("<|im_start|>", "<|im_end|>"),
         "chatml": ("<|im_start|>", "<|im_end|>"),
         "llama2": ("[INST]", "[/INST]", "<<SYS>>", "<</SYS>>"),
         "llama3": ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
@@ -175,9 +189,9 @@ def test_an_unknown_chat_template_is_an_error_naming_the_row_to_add(smollm2_toke
     with pytest.raises(PipelineError) as error:
         family_for(with_template(smollm2_tokenizer, GEMMA_JINJA))
     assert str(error.value).startswith(
-        "no Ollama TEMPLATE for this chat template (known families: chatml-smollm2, qwen2.5, chatml, llama2, llama3); "
-        "add a row to FAMILIES in pipeline/ollama_template.py with markers found in it, the Go TEMPLATE and the "
-        'stop list. Its start: "{{ bos_token }}{% for message in messages %}<start_of_turn>'
+        "no Ollama TEMPLATE for this chat template (known families: chatml-smollm2, qwen2.5, qwen3, chatml, llama2, "
+        "llama3); add a row to FAMILIES in pipeline/ollama_template.py with markers found in it, the Go TEMPLATE and "
+        'the stop list. Its start: "{{ bos_token }}{% for message in messages %}<start_of_turn>'
     )
     with pytest.raises(PipelineError, match="the tokenizer has no chat template"):
         family_for(with_template(smollm2_tokenizer, None))
@@ -334,14 +348,28 @@ def test_llama3_token_ids_match_llama_cpp_with_bos_added_by_llama_cpp(llama3_mod
 
 
 @pytest.mark.parametrize("system", [None, MODELFILE_SYSTEM], ids=["no-SYSTEM", "SYSTEM"])
-def test_qwen25_token_ids_match_llama_cpp_on_the_tiny_qwen2_gguf(system, qwen2_tokenizer, family_gguf, conversations):
+@pytest.mark.parametrize(("name", "model"), [("qwen2.5", "qwen2"), ("qwen3", "qwen3")])
+def test_qwen_token_ids_match_llama_cpp_on_the_tiny_qwen_ggufs(
+    name, model, system, family_tokenizers, family_gguf, conversations
+):
     from pipeline.llama_runtime import LlamaVocab
 
-    gguf = family_gguf("qwen2").out
+    gguf = family_gguf(model).out
     vocabulary = LlamaVocab(gguf)
-    assert vocabulary.add_bos is False and qwen2_tokenizer.bos_token is None  # Qwen has no BOS
+    assert vocabulary.add_bos is False and family_tokenizers[name].bos_token is None  # Qwen has no BOS
     vocabulary.close()
-    check_parity(qwen2_tokenizer, family("qwen2.5"), conversations, system, gguf)
+    check_parity(family_tokenizers[name], family(name), conversations, system, gguf)
+
+
+def test_qwen3_is_served_thinking_off_unless_the_request_asks(qwen3_tokenizer):
+    from pipeline.go_template import render_prompt
+
+    asked = [{"role": "user", "content": "Hi"}]
+    assert render_prompt(family("qwen3").template, asked).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    thinking = qwen3_tokenizer.apply_chat_template(
+        asked, add_generation_prompt=True, tokenize=False, enable_thinking=True
+    )
+    assert thinking.endswith("<|im_start|>assistant\n")  # asked: Qwen3 thinks, as it ships
 
 
 def test_llama2_token_ids_match_llama_cpp_with_tinys_sentencepiece_style_tokenizer(

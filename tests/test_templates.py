@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from trl.chat_template_utils import has_generation_markers
 
 from pipeline.chat_templates import check_training_template, training_template
 from pipeline.common import PipelineError
@@ -28,13 +29,27 @@ def qwen2_tokenizer(family_merged):
     return AutoTokenizer.from_pretrained(family_merged("qwen2"))
 
 
-@pytest.mark.parametrize("tokenizer_fixture", ["tiny_tokenizer", "smollm2_tokenizer", "qwen2_tokenizer"])
+@pytest.fixture(scope="module")
+def qwen3_tokenizer(family_merged):
+    """The tiny Qwen3's tokenizer with the template the pipeline trains it with (thinking off unless asked)."""
+    from transformers import AutoTokenizer
+
+    from pipeline.chat_templates import serving_template
+
+    tokenizer = AutoTokenizer.from_pretrained(family_merged("qwen3"))
+    tokenizer.chat_template = serving_template(tokenizer.chat_template)
+    return tokenizer
+
+
+@pytest.mark.parametrize(
+    "tokenizer_fixture", ["tiny_tokenizer", "smollm2_tokenizer", "qwen2_tokenizer", "qwen3_tokenizer"]
+)
 def test_training_template_renders_every_conversation_of_the_dataset_like_the_shipped_one(
     request, tokenizer_fixture, dataset_conversations
 ):
     tokenizer = request.getfixturevalue(tokenizer_fixture)
     training = training_template(tokenizer)
-    assert "{% generation %}" in training and "{% generation %}" not in tokenizer.chat_template
+    assert has_generation_markers(training) and not has_generation_markers(tokenizer.chat_template)
     check_training_template(tokenizer, training, [*dataset_conversations, MULTI_TURN])
 
 
@@ -81,3 +96,21 @@ def test_chatml_assistant_mask_covers_each_answer_and_its_im_end_exactly(request
     for run in runs:
         start = next(i for i in range(len(shipped)) if shipped[i : i + len(run)] == run)
         assert tokenizer.decode(shipped[:start]).endswith("<|im_start|>assistant\n".removesuffix(before))
+
+
+def test_qwen3_trains_the_last_answer_after_its_empty_think_block_and_earlier_ones_as_they_are(qwen3_tokenizer):
+    """Qwen3's template writes <think></think> before the answer after the last question only; the training
+    variant marks what the assistant writes, header excluded, and TRL's (a <think> block in every turn) is not used."""
+    from trl.chat_template_utils import qwen3_training_chat_template
+
+    training = training_template(qwen3_tokenizer)
+    assert training != qwen3_training_chat_template
+    encoded = qwen3_tokenizer.apply_chat_template(
+        MULTI_TURN, chat_template=training, return_dict=True, return_assistant_tokens_mask=True
+    )
+    assert encoded["input_ids"] == qwen3_tokenizer.apply_chat_template(MULTI_TURN, return_dict=True)["input_ids"]
+    runs = trained_runs(encoded["input_ids"], [bool(m) for m in encoded["assistant_masks"]])
+    assert [qwen3_tokenizer.decode(run) for run in runs] == [
+        'PROC main:\n  PRINT "Hello Chris"\nENDP<|im_end|>',
+        '<think>\n\n</think>\n\nPROC main:\n  PRINT "Hello Chris"\n  GET\nENDP<|im_end|>',
+    ]
