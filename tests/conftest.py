@@ -273,3 +273,24 @@ def family_gguf(family_merged, tmp_path_factory) -> Callable[[str], Run]:
         return built[name]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def qwen2_tokenizer(family_merged):
+    """The tiny Qwen2's tokenizer: byte-level BPE, Qwen2.5-Instruct's template (TRL has its training variant)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(family_merged("qwen2"))
+
+
+@pytest.fixture(scope="session")
+def qwen3_tokenizer(family_merged):
+    """The tiny Qwen3's tokenizer with the template the pipeline trains and serves it with (thinking off
+    unless asked), as stage base gives it."""
+    from transformers import AutoTokenizer
+
+    from pipeline.chat_templates import serving_template
+
+    tokenizer = AutoTokenizer.from_pretrained(family_merged("qwen3"))
+    tokenizer.chat_template = serving_template(tokenizer.chat_template)
+    return tokenizer

@@ -128,26 +128,6 @@ def first_style_tiny(tiny_merged):
 
 
 @pytest.fixture(scope="module")
-def qwen2_tokenizer(family_merged):
-    """The tiny Qwen2's tokenizer (pipeline/tiny_families.py): byte-level BPE, Qwen2.5-Instruct's template."""
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(family_merged("qwen2"))
-
-
-@pytest.fixture(scope="module")
-def qwen3_tokenizer(family_merged):
-    """The tiny Qwen3's tokenizer with the template the pipeline trains and serves it with (thinking off)."""
-    from transformers import AutoTokenizer
-
-    from pipeline.chat_templates import serving_template
-
-    tokenizer = AutoTokenizer.from_pretrained(family_merged("qwen3"))
-    tokenizer.chat_template = serving_template(tokenizer.chat_template)
-    return tokenizer
-
-
-@pytest.fixture(scope="module")
 def family_tokenizers(tiny_tokenizer, smollm2_tokenizer, llama3_model, qwen2_tokenizer, qwen3_tokenizer) -> dict:
     return {
         "llama2": tiny_tokenizer,

@@ -21,26 +21,6 @@ def trained_runs(ids: list[int], trained: list[bool]) -> list[list[int]]:
     return runs
 
 
-@pytest.fixture(scope="module")
-def qwen2_tokenizer(family_merged):
-    """The tiny Qwen2's tokenizer: Qwen2.5-Instruct's template, whose training variant is TRL's."""
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(family_merged("qwen2"))
-
-
-@pytest.fixture(scope="module")
-def qwen3_tokenizer(family_merged):
-    """The tiny Qwen3's tokenizer with the template the pipeline trains it with (thinking off unless asked)."""
-    from transformers import AutoTokenizer
-
-    from pipeline.chat_templates import serving_template
-
-    tokenizer = AutoTokenizer.from_pretrained(family_merged("qwen3"))
-    tokenizer.chat_template = serving_template(tokenizer.chat_template)
-    return tokenizer
-
-
 @pytest.mark.parametrize(
     "tokenizer_fixture", ["tiny_tokenizer", "smollm2_tokenizer", "qwen2_tokenizer", "qwen3_tokenizer"]
 )
