@@ -5,6 +5,7 @@ to git (cache: false), as in dvc.yaml."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from scratch_project import git
+from scratch_project import copy_project, git
 
 from pipeline.dvc_status import DeclaredStage, declared_stages, edited_release_files, lock_problems, release_files
 
@@ -94,6 +95,18 @@ def test_a_hand_edited_gate_output_is_stale(fresh, path):
         "dvc.lock is stale: not what a run of the pipeline wrote:",
         f"  gate: {path}: its content does not match its md5 in dvc.lock (edited by hand?)",
     ]
+
+
+def test_a_hand_edited_verdict_of_this_project_is_stale(tmp_path):
+    """The project itself (a scratch copy: its dvc.lock and committed gate outputs, no cached outputs)."""
+    project = copy_project(tmp_path / "project")
+    marker = "  gate: models/gate/verdict.json: its content does not match its md5 in dvc.lock (edited by hand?)"
+    assert marker not in ci_stale(project).stdout
+    verdict = project / "models" / "gate" / "verdict.json"
+    edited = {**json.loads(verdict.read_text()), "gguf_sha256": "0" * 64}  # ship another GGUF than the gate's
+    verdict.write_text(json.dumps(edited, indent=2))
+    result = ci_stale(project)
+    assert result.returncode == 3 and marker in result.stdout.splitlines()
 
 
 def test_a_lock_stage_that_dvc_yaml_does_not_have_is_stale(fresh):
