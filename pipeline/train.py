@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import hmac
 import json
 import math
 import os
@@ -49,6 +50,9 @@ KEEPER_FILE = "keep_best.json"
 BEST_ADAPTER_FILE = "best_adapter.safetensors"
 # Written last into every checkpoint by this stage: what it was trained on and the digest of each file.
 RECORD_FILE = "train_record.json"
+# A secret only the protected runner has (runner/config.toml.template): with it set, a record must carry
+# its HMAC, which whoever can merely write the checkpoint folder cannot compute.
+RECORD_KEY_ENV = "LLM_GITOPS_CHECKPOINT_KEY"
 # Optimizers that live in bitsandbytes' CUDA kernels.
 CUDA_OPTIMIZERS = ("paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit")
 
@@ -361,15 +365,24 @@ def checkpoint_files(checkpoint: Path) -> dict[str, str]:
     return {p.relative_to(checkpoint).as_posix(): file_sha256_hex(p) for p in files}
 
 
-def write_record(checkpoint: Path, fingerprint: str) -> None:
-    """Vouch for a checkpoint this stage has just saved: these inputs, these files."""
+def record_signature(record: dict, key: str) -> str:
+    """HMAC-SHA256 of the record's content under the runner's key."""
+    content = json.dumps({name: record.get(name) for name in ("fingerprint", "step", "files")}, sort_keys=True)
+    return hmac.new(key.encode(), content.encode(), hashlib.sha256).hexdigest()
+
+
+def write_record(checkpoint: Path, fingerprint: str, key: str | None = None) -> None:
+    """Vouch for a checkpoint this stage has just saved: these inputs, these files (signed when given a key)."""
     record = {"fingerprint": fingerprint, "step": step_of(checkpoint), "files": checkpoint_files(checkpoint)}
+    if key:
+        record["signature"] = record_signature(record, key)
     write_json_atomic(checkpoint / RECORD_FILE, record)
 
 
-def record_problem(checkpoint: Path, fingerprint: str) -> str | None:
+def record_problem(checkpoint: Path, fingerprint: str, key: str | None = None) -> str | None:
     """None when this stage wrote `checkpoint` for these inputs and nothing in it changed since; else why not.
-    Anything else (planted, copied from another run, half-saved, edited) must not be resumed from."""
+    Anything else (planted, copied from another run, half-saved, edited) must not be resumed from. With a
+    key, the record must also be signed with it: a record anyone could have computed is not enough."""
     try:
         record = json.loads((checkpoint / RECORD_FILE).read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -382,6 +395,8 @@ def record_problem(checkpoint: Path, fingerprint: str) -> str | None:
         return f"{RECORD_FILE} was written for other inputs (params, data or base)"
     if record.get("step") != step_of(checkpoint):
         return f"{RECORD_FILE} is for step {record.get('step')!r}, not this checkpoint's"
+    if key and not hmac.compare_digest(str(record.get("signature", "")), record_signature(record, key)):
+        return f"{RECORD_FILE} is not signed with this runner's key ({RECORD_KEY_ENV})"
     found, recorded = checkpoint_files(checkpoint), record["files"]
     changed = sorted(name for name in found.keys() & recorded.keys() if found[name] != recorded[name])
     added, missing = sorted(found.keys() - recorded.keys()), sorted(recorded.keys() - found.keys())
@@ -400,18 +415,18 @@ class CheckpointChoice:
     superseded: list[Path]  # older checkpoints of this stage (the Trainer keeps one; a cut rotation leaves more)
 
 
-def resumable_checkpoint(folder: Path, fingerprint: str) -> CheckpointChoice:
+def resumable_checkpoint(folder: Path, fingerprint: str, key: str | None = None) -> CheckpointChoice:
     """Sort the checkpoints under `folder`. Refused and superseded ones must go before training: the Trainer's
     rotation keeps the newest folder (by mtime) and would delete the one it is writing instead."""
     numbered = [p for p in folder.glob("checkpoint-*") if p.is_dir() and p.name.split("-", 1)[1].isdigit()]
-    problems = {checkpoint: record_problem(checkpoint, fingerprint) for checkpoint in numbered}
+    problems = {checkpoint: record_problem(checkpoint, fingerprint, key) for checkpoint in numbered}
     trusted = [checkpoint for checkpoint, problem in problems.items() if problem is None]
     resume = max(trusted, key=step_of, default=None)
     refused = sorted(((c, p) for c, p in problems.items() if p is not None), key=lambda item: step_of(item[0]))
     return CheckpointChoice(resume, refused, sorted((c for c in trusted if c != resume), key=step_of))
 
 
-def recorder_callback(fingerprint: str):
+def recorder_callback(fingerprint: str, key: str | None = None):
     """Writes the record into each checkpoint once every process has saved its part (rng_state_<rank>)."""
     from transformers import TrainerCallback
 
@@ -422,7 +437,7 @@ def recorder_callback(fingerprint: str):
             if dist.is_available() and dist.is_initialized():
                 dist.barrier()
             if state.is_world_process_zero:
-                write_record(Path(args.output_dir) / f"checkpoint-{state.global_step}", fingerprint)
+                write_record(Path(args.output_dir) / f"checkpoint-{state.global_step}", fingerprint, key)
 
     return _Recorder()
 
@@ -472,9 +487,10 @@ def run(
     checkpoints = checkpoint_root() / f"train-{fingerprint[:16]}"
     setup = build_trainer(base_dir, train_rows, eval_rows, params.train, params.data, checkpoints)
     trainer, keeper = setup.trainer, setup.keeper
-    trainer.add_callback(recorder_callback(fingerprint))  # after the keeper's: its files are in the record
+    key = os.environ.get(RECORD_KEY_ENV) or None
+    trainer.add_callback(recorder_callback(fingerprint, key))  # after the keeper's: its files are in the record
     leader = trainer.is_world_process_zero()
-    choice = resumable_checkpoint(checkpoints, fingerprint)
+    choice = resumable_checkpoint(checkpoints, fingerprint, key)
     resume = choice.resume
     trainer.accelerator.wait_for_everyone()  # every process has chosen before any folder goes
     if leader:

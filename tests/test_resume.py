@@ -66,7 +66,8 @@ def kill_after_checkpoint(command: list[str], env: dict, checkpoints: Path, step
 
 @pytest.fixture()
 def env(tmp_path) -> dict:
-    return {**os.environ, "LLM_GITOPS_CHECKPOINTS": str(tmp_path / "checkpoints")}
+    """As on the protected runner: its own checkpoint folder and the key its records are signed with."""
+    return {**os.environ, "LLM_GITOPS_CHECKPOINTS": str(tmp_path / "checkpoints"), train.RECORD_KEY_ENV: "rig-key"}
 
 
 def test_a_killed_training_resumes_and_continues_its_step_count_and_loss_curve(
@@ -75,6 +76,9 @@ def test_a_killed_training_resumes_and_continues_its_step_count_and_loss_curve(
     command = train_command(params_file(tmp_path, tiny_params_file), tiny_base, tiny_prepared, tmp_path)
     kill_after_checkpoint(command, env, tmp_path / "checkpoints", step=10)
     assert not (tmp_path / "adapter").exists()  # nothing half-written
+
+    records = list((tmp_path / "checkpoints").glob(f"train-*/checkpoint-*/{train.RECORD_FILE}"))
+    assert records and all(len(json.loads(r.read_text())["signature"]) == 64 for r in records)  # signed
 
     rerun = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
@@ -108,7 +112,7 @@ def test_changed_inputs_start_fresh_instead_of_resuming(tmp_path, env, tiny_base
 # --- the checkpoint's record: only what this stage saved for these inputs is resumed from ---
 
 
-def saved_checkpoint(folder: Path, fingerprint: str = "f" * 64) -> Path:
+def saved_checkpoint(folder: Path, fingerprint: str = "f" * 64, key: str | None = None) -> Path:
     """A checkpoint folder as the Trainer and the keeper leave it, and its record as this stage writes it."""
     checkpoint = folder / "checkpoint-10"
     checkpoint.mkdir(parents=True)
@@ -119,7 +123,7 @@ def saved_checkpoint(folder: Path, fingerprint: str = "f" * 64) -> Path:
         "keep_best.json": b'{"best_loss": 2.5}',
     }.items():
         (checkpoint / name).write_bytes(content)
-    train.write_record(checkpoint, fingerprint)
+    train.write_record(checkpoint, fingerprint, key)
     return checkpoint
 
 
@@ -164,6 +168,20 @@ def test_the_newest_trusted_checkpoint_is_resumed_and_the_planted_newer_one_refu
     choice = train.resumable_checkpoint(tmp_path, "f" * 64)
     assert choice.resume == ours and choice.superseded == []
     assert choice.refused == [(planted, "no train_record.json (not saved by this stage, or its save was cut)")]
+
+
+def test_with_the_runner_key_only_a_record_signed_with_it_is_trusted(tmp_path):
+    """Whoever can write the folder can compute digests and a fingerprint, not the protected runner's HMAC."""
+    signed = saved_checkpoint(tmp_path / "signed", key="runner-secret")
+    assert train.record_problem(signed, "f" * 64, key="runner-secret") is None
+    assert train.record_problem(signed, "f" * 64, key="another-runner") == (
+        "train_record.json is not signed with this runner's key (LLM_GITOPS_CHECKPOINT_KEY)"
+    )
+    unsigned = saved_checkpoint(tmp_path / "unsigned")  # a record computed without the key: planted
+    assert train.record_problem(unsigned, "f" * 64) is None
+    assert train.record_problem(unsigned, "f" * 64, key="runner-secret") == (
+        "train_record.json is not signed with this runner's key (LLM_GITOPS_CHECKPOINT_KEY)"
+    )
 
 
 PLANTED_KEEPER = {"best_loss": -1.0, "best_epoch": 9.0, "worse_evals": 0, "stopped_early": False, "patience": 0}
