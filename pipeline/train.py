@@ -395,7 +395,8 @@ def record_problem(checkpoint: Path, fingerprint: str, key: str | None = None) -
         return f"{RECORD_FILE} was written for other inputs (params, data or base)"
     if record.get("step") != step_of(checkpoint):
         return f"{RECORD_FILE} is for step {record.get('step')!r}, not this checkpoint's"
-    if key and not hmac.compare_digest(str(record.get("signature", "")), record_signature(record, key)):
+    signature = str(record.get("signature", "")).encode()  # bytes: compare_digest refuses non-ASCII str
+    if key and not hmac.compare_digest(signature, record_signature(record, key).encode()):
         return f"{RECORD_FILE} is not signed with this runner's key ({RECORD_KEY_ENV})"
     found, recorded = checkpoint_files(checkpoint), record["files"]
     changed = sorted(name for name in found.keys() & recorded.keys() if found[name] != recorded[name])

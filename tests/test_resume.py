@@ -177,6 +177,9 @@ def test_with_the_runner_key_only_a_record_signed_with_it_is_trusted(tmp_path):
     assert train.record_problem(signed, "f" * 64, key="another-runner") == (
         "train_record.json is not signed with this runner's key (LLM_GITOPS_CHECKPOINT_KEY)"
     )
+    forged = json.loads((signed / train.RECORD_FILE).read_text())
+    (signed / train.RECORD_FILE).write_text(json.dumps({**forged, "signature": "é" * 64}))
+    assert train.record_problem(signed, "f" * 64, key="runner-secret").startswith("train_record.json is not signed")
     unsigned = saved_checkpoint(tmp_path / "unsigned")  # a record computed without the key: planted
     assert train.record_problem(unsigned, "f" * 64) is None
     assert train.record_problem(unsigned, "f" * 64, key="runner-secret") == (
