@@ -31,15 +31,33 @@ class Example:
     line: int
     messages: list[dict]
     legacy: bool = False
+    indexed: bool = False  # `line` is a 0-based row index (JSON arrays, Parquet, saved datasets): `file:[3]`
 
     @property
     def where(self) -> str:
-        return f"{self.source}:{self.line}"
+        return f"{self.source}:[{self.line}]" if self.indexed else f"{self.source}:{self.line}"
 
     def prompt_key(self) -> str:
         """What makes two examples 'the same question': their user turns, ignoring case and spacing."""
-        users = [m["content"] for m in self.messages if m["role"] == "user"]
-        return json.dumps([" ".join(u.split()).casefold() for u in users])
+        return question_key(self.messages)
+
+    def conversation_key(self) -> str:
+        """What makes two examples exact duplicates: the whole conversation (system, every turn, the
+        answer), ignoring case and spacing. The same question with another system message or another
+        answer is not a duplicate: teaching both is deliberate."""
+        return conversation_key(self.messages)
+
+
+def normalised(text: str) -> str:
+    return " ".join(text.split()).casefold()
+
+
+def question_key(messages: list[dict]) -> str:
+    return json.dumps([normalised(m["content"]) for m in messages if m["role"] == "user"])
+
+
+def conversation_key(messages: list[dict]) -> str:
+    return json.dumps([[m["role"], normalised(m["content"])] for m in messages])
 
 
 def llama2_text_to_messages(text: str) -> list[dict]:
@@ -130,43 +148,65 @@ def parse_example(row: object) -> tuple[list[dict] | None, bool, list[str]]:
 
 def read_jsonl_with_lines(path: Path, errors: list[str]) -> list[tuple[int, object]]:
     """Decoded rows with their 1-based line numbers; JSON errors go to `errors`. Blank lines are skipped."""
-    rows = []
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
         errors.append(f"{path}: cannot read: {error}")
-        return rows
-    for number, line in enumerate(lines, start=1):
+        return []
+    return jsonl_rows(text, str(path), errors)
+
+
+def jsonl_rows(text: str, source: str, errors: list[str]) -> list[tuple[int, object]]:
+    """`read_jsonl_with_lines` for text already read (the MR report reads files with `git show`)."""
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
             rows.append((number, json.loads(line)))
         except json.JSONDecodeError as error:
-            errors.append(f"{path}:{number}: invalid JSON: {error.msg} (column {error.colno})")
+            errors.append(f"{source}:{number}: invalid JSON: {error.msg} (column {error.colno})")
     return rows
 
 
 def load_conversations(path: Path, errors: list[str]) -> list[Example]:
     """Every valid example of one file; each problem is appended to `errors` as `file:line: reason`."""
+    return conversations_of_rows(read_jsonl_with_lines(path, errors), str(path), errors)
+
+
+def conversations_of_rows(rows: list[tuple[int, object]], source: str, errors: list[str]) -> list[Example]:
+    """The valid examples of decoded rows; an exact duplicate (the whole conversation again) is an error."""
     examples: list[Example] = []
-    seen: dict[str, int] = {}
-    for number, row in read_jsonl_with_lines(path, errors):
+    for number, row in rows:
         messages, legacy, problems = parse_example(row)
-        errors.extend(f"{path}:{number}: {problem}" for problem in problems)
-        if problems:
-            continue
-        example = Example(str(path), number, messages, legacy)
-        key = example.prompt_key()
+        errors.extend(f"{source}:{number}: {problem}" for problem in problems)
+        if not problems:
+            examples.append(Example(source, number, messages, legacy))
+    return without_duplicates(examples, errors)
+
+
+def without_duplicates(examples: list[Example], errors: list[str]) -> list[Example]:
+    """The first of each whole conversation; every later copy is an error naming the first."""
+    kept: list[Example] = []
+    seen: dict[str, Example] = {}
+    for example in examples:
+        key = example.conversation_key()
         if key in seen:
-            errors.append(f"{path}:{number}: duplicate of line {seen[key]} (same user turns)")
+            first = seen[key]
+            place = f"line {first.line}" if first.source == example.source and not first.indexed else first.where
+            errors.append(f"{example.where}: duplicate of {place} (the same whole conversation)")
             continue
-        seen[key] = number
-        examples.append(example)
-    return examples
+        seen[key] = example
+        kept.append(example)
+    return kept
 
 
 def overlap_errors(train: list[Example], evaluation: list[Example]) -> list[str]:
-    in_train = {example.prompt_key(): example for example in train}
+    """Eval conversations whose question is also trained on: the eval loss would measure recall, not learning.
+    Stricter than the duplicate rule on purpose (the same question with another answer counts)."""
+    in_train: dict[str, Example] = {}
+    for example in train:
+        in_train.setdefault(example.prompt_key(), example)
     return [
         f"{example.where}: also in the training set at {in_train[example.prompt_key()].where} (same user turns)"
         for example in evaluation

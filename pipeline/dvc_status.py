@@ -125,8 +125,12 @@ def declared_stages(cwd: Path) -> dict[str, DeclaredStage]:
 
     try:
         with Repo(str(cwd)) as repo:
-            stages = [s for s in repo.index.stages if isinstance(s, PipelineStage) and s.dvcfile.relpath == "dvc.yaml"]
-            return {s.addressing: DeclaredStage(s.addressing, tuple(o.def_path for o in s.outs)) for s in stages}
+            # the project's own dvc.yaml, wherever this process runs (DVC's relpath is relative to the cwd)
+            top = (Path(cwd) / "dvc.yaml").resolve()
+            stages = [
+                s for s in repo.index.stages if isinstance(s, PipelineStage) and Path(s.dvcfile.path).resolve() == top
+            ]
+            return {s.name: DeclaredStage(s.name, tuple(o.def_path for o in s.outs)) for s in stages}
     except DvcException as error:
         raise PipelineError(f"dvc.yaml: {error}") from None
 

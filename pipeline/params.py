@@ -36,12 +36,45 @@ NON_NEGATIVE = _check(lambda v: v >= 0, "must be >= 0")
 FRACTION = _check(lambda v: 0 <= v < 1, "must be in [0, 1)")
 
 
+SourceFormat = Literal["messages", "text", "alpaca", "sharegpt", "openai", "csv", "tsv", "parquet", "hf_disk"]
+
+
+@dataclass(frozen=True)
+class SourceParams:
+    # A file or directory in data/ (pipeline/sources.py reads each format).
+    path: str = ""
+    format: SourceFormat = "messages"
+    # train: trained on (less data.eval_fraction when no source is `eval`); eval: held out for the eval loss.
+    role: Literal["train", "eval"] = "train"
+    # Mixing: 2 = every conversation twice, 0.5 = a seeded half of them, 1.5 = all once and a seeded half again.
+    weight: float = field(default=1.0, metadata=POSITIVE)
+    # Only the first N valid conversations; null = all.
+    max_rows: int | None = field(default=None, metadata=_check(lambda v: v is None or v > 0, "must be > 0 or null"))
+    # csv, tsv, parquet, hf_disk: our field -> the column holding it. Fields: prompt, response, system
+    # (one exchange), or messages (a column of message lists; JSON text in a CSV).
+    columns: dict[str, str] = field(default_factory=dict)
+    # sharegpt: the `from` values -> roles (default human/gpt/system -> user/assistant/system).
+    roles: dict[str, str] = field(default_factory=dict)
+
+
 @dataclass(frozen=True)
 class DataParams:
     # Longest conversation, in tokens after the chat template, that training may see.
     max_seq_length: int = field(default=512, metadata=POSITIVE)
     # false: a longer conversation is an error; true: it is dropped and counted in metrics/data.json.
     drop_too_long: bool = False
+    # Word 3-gram Jaccard similarity from which two texts are near-duplicates: a warning between conversations,
+    # an error between a gate case's prompt and a training user turn (pipeline/data_checks.py).
+    near_duplicate_threshold: float = field(default=0.8, metadata=_check(lambda v: 0 < v <= 1, "must be in (0, 1]"))
+    # Gate case ids whose prompt may appear in the training data (their scores then measure recall).
+    allow_gate_cases: list[str] = field(default_factory=list)
+    # Where the conversations come from; null = prepare's --train and --eval files (data/train.jsonl, data/eval.jsonl).
+    sources: list[SourceParams] | None = None
+    # Without an eval source: the share of each train source held out for the eval loss, chosen by a hash of
+    # each conversation's user turns (stable when rows are appended; a question's variants stay together).
+    eval_fraction: float = field(default=0.0, metadata=FRACTION)
+    # Seed of the mixing samples (weights that are not whole numbers).
+    seed: int = 42
 
 
 @dataclass(frozen=True)
@@ -267,6 +300,11 @@ def _key_lines(node: yaml.Node, prefix: str = "") -> dict[str, int]:
             key = f"{prefix}{key_node.value}"
             lines[key] = key_node.start_mark.line + 1
             lines.update(_key_lines(value_node, key + "."))
+    elif isinstance(node, yaml.SequenceNode):  # data.sources[0].path
+        for index, item in enumerate(node.value):
+            key = f"{prefix.rstrip('.')}[{index}]"
+            lines[key] = item.start_mark.line + 1
+            lines.update(_key_lines(item, key + "."))
     return lines
 
 
@@ -278,6 +316,10 @@ def _describe(tp: Any) -> str:
         return " or ".join(_describe(a) for a in typing.get_args(tp))
     if origin is list:
         return f"a list of {_describe(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return f"a mapping of {_describe(typing.get_args(tp)[0])} to {_describe(typing.get_args(tp)[1])}"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping of keys"
     if tp is type(None):
         return "null"
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
@@ -291,6 +333,13 @@ def _matches(value: Any, tp: Any) -> bool:
         return any(_matches(value, a) for a in typing.get_args(tp))
     if origin is list:
         return isinstance(value, list) and all(_matches(v, typing.get_args(tp)[0]) for v in value)
+    if origin is dict:
+        key_type, value_type = typing.get_args(tp)
+        return isinstance(value, dict) and all(
+            _matches(k, key_type) and _matches(v, value_type) for k, v in value.items()
+        )
+    if dataclasses.is_dataclass(tp):
+        return isinstance(value, dict)
     if tp is type(None):
         return value is None
     if tp is float:
@@ -306,6 +355,14 @@ def _is_number(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _dataclass_items(tp: Any) -> type | None:
+    """The section type of `list[Section]` or `list[Section] | None`, else None."""
+    for option in typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,):
+        if typing.get_origin(option) is list and dataclasses.is_dataclass(typing.get_args(option)[0]):
+            return typing.get_args(option)[0]
+    return None
 
 
 def _build(cls: type, raw: Any, prefix: str, errors: list[tuple[str, str]]) -> Any:
@@ -330,6 +387,10 @@ def _build(cls: type, raw: Any, prefix: str, errors: list[tuple[str, str]]) -> A
             if isinstance(value, str) and _matches(0.5, tp) and _is_number(value):
                 hint = " (YAML reads 1e-3 as a string: write 1.0e-3)"
             errors.append((key, f"expected {_describe(tp)}, got {value!r}{hint}"))
+            continue
+        item = _dataclass_items(tp)
+        if item is not None and value is not None:  # a list of sections (data.sources), each checked as one
+            values[name] = [_build(item, entry, f"{key}[{i}].", errors) for i, entry in enumerate(value)]
             continue
         check = spec.metadata.get("check")
         checked = not isinstance(value, str) or spec.metadata.get("check_strings", False)

@@ -38,8 +38,9 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.common import PipelineError, get_logger, run_cli, write_json_atomic, write_text_atomic
+from pipeline.common import PipelineError, get_logger, run_cli, write_bytes_atomic, write_json_atomic, write_text_atomic
 from pipeline.gitlab_api import TOKEN_VARIABLES, GitLabSettings, gitlab_settings
+from pipeline.plots import sweep_png
 from pipeline.sweep_spec import Outcome, Sweep, as_json, load_sweep, markdown_table, outcome, rank, sweep_experiments
 
 log = get_logger("sweep")
@@ -236,27 +237,6 @@ def ranked_outcomes(sweep_name: str, rev: str = "HEAD") -> list[Outcome]:
     return rank(outcomes)
 
 
-def plot(ranked: list[Outcome], sweep_name: str, out: Path) -> None:
-    """Learn score against forgetting, one labelled point per experiment (green passed, red failed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on CI runners
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(7, 5))
-    for place, o in enumerate(ranked, 1):
-        x, y = o.forgetting if o.forgetting is not None else 0.0, o.learn if o.learn is not None else 0.0
-        axes.scatter([x], [y], color="tab:green" if o.passed else "tab:red", s=40, zorder=2)
-        axes.annotate(f"{place}. {o.name}", (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
-    axes.set_xlabel("forgetting (NLL rise on the base's own answers, nats/token)")
-    axes.set_ylabel("learn score")
-    axes.set_title(f"sweep {sweep_name}: green passed the gate, red failed")
-    axes.grid(True, alpha=0.3)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out, dpi=100, bbox_inches="tight")
-    plt.close(figure)
-
-
 def sweep_name_of(argument: str) -> str:
     """A sweep file's name (its `name:` or stem), or the argument itself when it is not a file."""
     path = Path(argument)
@@ -267,7 +247,7 @@ def write_reports(ranked: list[Outcome], sweep_name: str) -> str:
     table = markdown_table(ranked, sweep_name)
     write_text_atomic(REPORTS / f"{sweep_name}.md", table)
     write_json_atomic(REPORTS / f"{sweep_name}.json", as_json(ranked))
-    plot(ranked, sweep_name, REPORTS / f"{sweep_name}.png")
+    write_bytes_atomic(REPORTS / f"{sweep_name}.png", sweep_png(ranked, sweep_name))
     return table
 
 

@@ -8,7 +8,14 @@ Follows GitLab's documentation ("Notes API", "REST API" authentication and pagin
   x-page, x-per-page, x-total, x-total-pages, x-next-page, x-prev-page (empty when there is none) and Link;
 - POST .../notes with `body` (form or JSON): 201 and the note;
 - PUT .../notes/:note_id with `body`: 200 and the note; only its author may edit it (403 otherwise);
-- an unknown project or merge request: 404. `:id` may be the number or the URL-encoded path.
+- an unknown project or merge request: 404. `:id` may be the number or the URL-encoded path;
+- GET /api/v4/projects/:id: the project (id, path_with_namespace, web_url);
+- POST /api/v4/projects/:id/uploads, multipart form with the field `file` ("Projects API", upload a file):
+  201 and {"id", "alt", "url", "full_path", "markdown"}, `url` /uploads/<32 hex secret>/<filename>; each
+  upload gets a new secret, even of the same bytes, as GitLab does;
+- Link headers of a paged list keep the request's query (sort, order_by) and change only `page`.
+With `redirect_to` set, the double answers every request 302 to that base URL (same path and query), as a
+misconfigured or hostile server could: tests check what the client sends there.
 And from the "Merge requests API" (what `python -m pipeline.sweep promote` sends through python-gitlab):
 - POST /api/v4/projects/:id/merge_requests with `source_branch`, `target_branch`, `title` (required; 400
   `{"message": "... is missing"}` otherwise) and `description`: 201 and the merge request (id, iid,
@@ -21,13 +28,18 @@ It runs on 127.0.0.1 in a thread and records every request, so tests can assert 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import threading
 from dataclasses import dataclass, field
+from email.parser import BytesParser
+from email.policy import HTTP
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlencode, urlsplit
 
+PROJECT_PATH = re.compile(r"^/api/v4/projects/(?P<project>[^/]+)$")
+UPLOADS_PATH = re.compile(r"^/api/v4/projects/(?P<project>[^/]+)/uploads$")
 MERGE_REQUESTS_PATH = re.compile(r"^/api/v4/projects/(?P<project>[^/]+)/merge_requests$")
 NOTES_PATH = re.compile(r"^/api/v4/projects/(?P<project>[^/]+)/merge_requests/(?P<iid>\d+)/notes(?:/(?P<note>\d+))?$")
 
@@ -41,6 +53,9 @@ class GitLabState:
     merge_request_iid: str = "7"
     notes: list[dict] = field(default_factory=list)
     requests: list[tuple[str, str]] = field(default_factory=list)  # (method, path with query)
+    headers: list[dict[str, str]] = field(default_factory=list)  # each request's headers, in order
+    uploads: list[dict] = field(default_factory=list)  # {"filename", "data", "url"} per POST .../uploads
+    redirect_to: str | None = None  # e.g. "http://127.0.0.1:<other port>": answer 302 there
     merge_requests: list[dict] = field(default_factory=list)  # created through POST .../merge_requests
     next_id: int = 1000
 
@@ -83,13 +98,63 @@ def _handler(state: GitLabState):
                 return json.loads(raw or "{}")
             return {key: values[0] for key, values in parse_qs(raw, keep_blank_values=True).items()}
 
+        def _redirect(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self.send_response(302)
+            self.send_header("Location", f"{state.redirect_to}{self.path}")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def _known(self, project: str) -> bool:
+            return unquote(project) in (state.project_id, state.project_path)
+
+        def _upload(self) -> None:
+            """A multipart/form-data body's `file` part, stored as GitLab stores an upload."""
+            raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            head = f"Content-Type: {self.headers.get('Content-Type', '')}\r\n\r\n".encode()
+            message = BytesParser(policy=HTTP).parsebytes(head + raw)
+            part = next(
+                (p for p in message.iter_parts() if p.get_param("name", header="content-disposition") == "file"), None
+            )
+            if not message.is_multipart() or part is None or not part.get_filename():
+                return self._send(400, {"message": "400 Bad request - file is missing"})
+            filename, data = part.get_filename(), part.get_payload(decode=True)
+            secret = hashlib.md5(f"{len(state.uploads)}:".encode() + data).hexdigest()
+            url = f"/uploads/{secret}/{filename}"
+            state.uploads.append({"filename": filename, "data": data, "url": url})
+            alt = filename.rsplit(".", 1)[0]
+            self._send(
+                201,
+                {
+                    "id": len(state.uploads),
+                    "alt": alt,
+                    "url": url,
+                    "full_path": f"/-/project/{state.project_id}{url}",
+                    "markdown": f"![{alt}]({url})",
+                },
+            )
+
         def _route(self, method: str) -> None:
             state.requests.append((method, self.path))
+            state.headers.append(dict(self.headers.items()))
+            if state.redirect_to:
+                return self._redirect()
             if self.headers.get("PRIVATE-TOKEN") != state.token:
                 return self._send(401, {"message": "401 Unauthorized"})
             url = urlsplit(self.path)
             if method == "GET" and url.path == "/api/v4/user":
                 return self._send(200, state.user)
+            if (project := PROJECT_PATH.match(url.path)) and method == "GET":
+                if not self._known(project["project"]):
+                    return self._send(404, {"message": "404 Project Not Found"})
+                web_url = f"http://gitlab.invalid/{state.project_path}"
+                return self._send(
+                    200, {"id": int(state.project_id), "path_with_namespace": state.project_path, "web_url": web_url}
+                )
+            if (uploads := UPLOADS_PATH.match(url.path)) and method == "POST":
+                if not self._known(uploads["project"]):
+                    return self._send(404, {"message": "404 Project Not Found"})
+                return self._upload()
             created = MERGE_REQUESTS_PATH.match(url.path)
             if created and method == "POST":
                 if unquote(created["project"]) not in (state.project_id, state.project_path):
@@ -152,9 +217,14 @@ def _handler(state: GitLabState):
                 ordered.reverse()
             total_pages = max(1, -(-len(ordered) // per_page))
             chunk = ordered[(page - 1) * per_page : page * per_page]
-            base = f"http://{self.headers['Host']}{urlsplit(self.path).path}?per_page={per_page}"
-            links = [f'<{base}&page={page + 1}>; rel="next"'] if page < total_pages else []
-            links += [f'<{base}&page=1>; rel="first"', f'<{base}&page={total_pages}>; rel="last"']
+            kept = {name: values[0] for name, values in query.items() if name != "page"}
+
+            def link(number: int, rel: str) -> str:
+                target = urlencode({**kept, "per_page": per_page, "page": number})
+                return f'<http://{self.headers["Host"]}{urlsplit(self.path).path}?{target}>; rel="{rel}"'
+
+            links = [link(page + 1, "next")] if page < total_pages else []
+            links += [link(1, "first"), link(total_pages, "last")]
             headers = {
                 "x-page": str(page),
                 "x-per-page": str(per_page),

@@ -65,3 +65,31 @@ def test_an_answer_cut_at_max_new_tokens_is_not_finished(smollm2_base):
     question = [{"role": "user", "content": "What is the capital of France?"}]
     short, full = model.answers([question], 3, id), model.answers([question], 64, id)
     assert short[0].finished is False and full[0].finished is True and "Paris" in full[0].text
+
+
+def test_a_gguf_reusing_the_shared_prompt_prefix_scores_and_answers_as_a_fresh_model_does(tiny_merged, tiny_gguf):
+    """GGUFModel keeps the KV cache of the prefix consecutive prompts share (the chat template's preamble):
+    each reference's NLL and each answer must be what a model that saw only that conversation gives."""
+    from transformers import AutoTokenizer
+
+    from pipeline.ollama_template import family_for
+
+    family = family_for(AutoTokenizer.from_pretrained(tiny_merged))
+    cases = [case for case in committed_cases() if case.reference][:6]
+
+    def load() -> GGUFModel:
+        return GGUFModel(tiny_gguf.out, "f16", 2048, 42, family.template, family.stop, None)
+
+    together = load()
+    try:
+        nll = together.nll([c.messages() for c in cases], [c.reference for c in cases], id)
+        answers = together.answers([c.messages() for c in cases], 16, id)
+    finally:
+        together.close()
+    for case, value, answer in zip(cases, nll, answers, strict=True):
+        alone = load()
+        try:
+            assert alone.nll([case.messages()], [case.reference], id) == pytest.approx([value], abs=1e-4), case.id
+            assert alone.answers([case.messages()], 16, id)[0].text == answer.text, case.id
+        finally:
+            alone.close()

@@ -40,6 +40,10 @@ MEMORISED = {
     "How do I convert a string to a number in OPL?": "VAL",
 }
 
+# The gate cases ask exactly those training questions on purpose (the test measures whether the gate sees
+# memorisation), so prepare is told to allow them (data.allow_gate_cases).
+MEMORISED_CASES = [f"learn-{number}-{keyword.lower()}" for number, keyword in enumerate(MEMORISED.values())]
+
 # tiny (2 layers, random init) learns under LoRA only with a large LoRA scale (alpha / r = 16) and a small
 # learning rate: lr 1e-3 at that scale, or lr 1e-2 at the default scale 2, collapses to one repeated token.
 # Its frozen random lm_head (std 0.02) and final norm cap every logit near 5, so the loss cannot go below
@@ -129,7 +133,7 @@ def memorised(tmp_path_factory) -> tuple[Path, Path]:
         assert [a for a in answers if keyword in a] == own[:1], f"{keyword!r} must be in its own answer only"
         system = conversation[0]["content"] if conversation[0]["role"] == "system" else None
         rows.append(conversation[: 3 if system else 2])
-        case = {"id": f"learn-{number}-{keyword.lower()}", "kind": "learn", "prompt": question, "expect": [keyword]}
+        case = {"id": MEMORISED_CASES[number], "kind": "learn", "prompt": question, "expect": [keyword]}
         cases.append({**case, "case_sensitive": True, **({"system": system} if system else {})})
     (out / "train.jsonl").write_text("".join(json.dumps({"messages": r}) + "\n" for r in rows))
     (out / "cases.jsonl").write_text("".join(json.dumps(c) + "\n" for c in cases))
@@ -222,7 +226,8 @@ def run_gate(
 @pytest.fixture(scope="module")
 def tiny_gate_params(tiny_params_file, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tiny-gate-params") / "params.yaml"
-    path.write_text(params_text(tiny_params_file.read_text(), {**TINY_TRAIN, **TINY_GATE}))
+    allowed = {"data.allow_gate_cases": f"[{', '.join(MEMORISED_CASES)}]"}
+    path.write_text(params_text(tiny_params_file.read_text(), {**TINY_TRAIN, **TINY_GATE, **allowed}))
     return path
 
 

@@ -457,14 +457,14 @@ def test_merge_request_cpu_jobs_run_and_post_the_report_note(gitlab_ci_local, pr
     assert ran.returncode == 0, output[-6000:]
     for job in ("lint", "tests", "validate-data", "mr-report"):
         assert f"PASS  {job}" in output
-    assert "7 passed" in output  # the selected tests really ran
+    assert "14 passed" in output  # the selected tests really ran
     assert "glpat-ci-test" not in output
 
     assert len(state.notes) == 1
     note = state.notes[0]["body"]
     assert note.startswith(MARKER)
     assert "| `data/train.jsonl` | 56 → 57 | 1 | 0 | 0 |" in note
-    assert "| added | How do I make the Psion beep in OPL? |" in note
+    assert "| added | 57 | How do I make the Psion beep in OPL? |" in note
     assert "Lengths are **tokens** of `tiny` after its chat template." in note
     assert "Inputs changed for: `prepare`, `base`." in note
     assert note == MARKER + "\n" + (project / "reports" / "mr.md").read_text()
@@ -580,3 +580,71 @@ def test_merge_request_and_protected_jobs_never_share_a_writable_cache(script, t
     text = (ROOT / script).read_text()
     assert text.index(". .ci/cache-env") < text.index("export VENV=")
     assert "venv-$key" in text and "$LLM_GITOPS_CACHE/venv-$key" in text
+
+
+def loss_tsv(losses: list[float]) -> str:
+    return "step\tepoch\tloss\n" + "".join(f"{i * 7 + 1}\t{i / 6:.4f}\t{v:.6f}\n" for i, v in enumerate(losses))
+
+
+def test_candidate_report_job_posts_the_note_with_its_pictures_uploaded_once(gitlab_ci_local, project, venv_for_jobs):
+    """`candidate-report` (the `mr-report` job after a candidate) on the artifacts `train-candidate` leaves:
+    the candidate's gate and loss curves, and the target's curves it exported. The rig cannot run here, so
+    the test writes those artifacts where gitlab-ci-local keeps a job's artifacts. The note goes to the local
+    double of GitLab's API (tests/gitlab_api_double.py: notes and project uploads as GitLab documents them)."""
+    git(project, "checkout", "-q", "more-data")
+    artifacts = project / ".gitlab-ci-local" / "artifacts" / "train-candidate"
+    gate = json.loads((project / "metrics" / "gate.json").read_text())
+    candidate = {**gate, "learn": {**gate["learn"], "q4_k_m": 1.0}, "keep": {**gate["keep"], "q4_k_m": 0.9167}}
+    files = {
+        "metrics/gate.json": json.dumps(candidate, indent=2),
+        "reports/gate.md": "# Gate report\n\n**PASSED**: ships `q4_k_m`\n",
+        "plots/train/loss.tsv": loss_tsv([3.2, 2.1, 1.4, 1.0, 0.8, 0.7]),
+        "plots/eval/loss.tsv": loss_tsv([3.0, 2.0, 1.5, 1.3, 1.2, 1.2]),
+        "reports/target-plots/train/loss.tsv": loss_tsv([3.2, 2.3, 1.7, 1.3, 1.1, 1.0]),
+        "reports/target-plots/eval/loss.tsv": loss_tsv([3.0, 2.2, 1.8, 1.6, 1.5, 1.5]),
+    }
+    for path, text in files.items():
+        (artifacts / path).parent.mkdir(parents=True, exist_ok=True)
+        (artifacts / path).write_text(text)
+    state = GitLabState(token="glpat-ci-test", user={"id": 5, "username": "report-bot"}, project_id=PROJECT_ID)
+    variables = {
+        **MERGE_REQUEST,
+        "CI_MERGE_REQUEST_LABELS": "train-candidate",
+        "VENV": str(venv_for_jobs),
+        "GITLAB_REPORT_TOKEN": "glpat-ci-test",
+    }
+    try:
+        with GitLabDouble(state) as api:
+            runs = [
+                gcl(
+                    gitlab_ci_local,
+                    project,
+                    "--shell-isolation",  # a build directory of its own, the needed job's artifacts copied in
+                    "candidate-report",
+                    variables={**variables, "CI_API_V4_URL": api.url},
+                    unset=("CI_COMMIT_BRANCH",),
+                )
+                for _ in range(2)
+            ]
+        for ran in runs:
+            output = ran.stdout + ran.stderr
+            assert ran.returncode == 0 and "PASS  candidate-report" in output, output[-6000:]
+            assert "glpat-ci-test" not in output
+
+        assert len(state.notes) == 1  # created, then updated in place
+        note = state.notes[0]["body"]
+        assert note.startswith(MARKER)
+        assert "| `data/train.jsonl` | 56 → 57 | 1 | 0 | 0 |" in note
+        assert "**Verdict: passed.**" in note
+        assert [upload["filename"] for upload in state.uploads] == ["mr-data-lengths.png", "mr-loss.png", "mr-gate.png"]
+        for upload in state.uploads:
+            assert f"]({upload['url']})" in note
+            assert upload["data"] == (project / "reports" / upload["filename"]).read_bytes()  # the job's artifact
+            assert upload["data"][:8] == b"\x89PNG\r\n\x1a\n" and len(upload["data"]) <= 150_000
+        assert "![Loss curves: train and eval loss per step" in note and "![Gate chart:" in note
+        report = (project / "reports" / "mr.md").read_text()
+        assert "](mr-loss.png)" in report and "](mr-gate.png)" in report  # the artifact links the files beside it
+    finally:
+        shutil.rmtree(artifacts, ignore_errors=True)
+        for leftover in (project / "reports").glob("mr*"):
+            leftover.unlink()

@@ -66,6 +66,32 @@ def test_an_empty_file_means_all_defaults():
         ("base: smollm2\n", "params.yaml:1: base: expected a mapping of keys"),
         ("data:\n  max_seq_length: -5\n", "params.yaml:2: data.max_seq_length: must be > 0, got -5"),
         (
+            "data:\n  near_duplicate_threshold: 0\n",
+            "params.yaml:2: data.near_duplicate_threshold: must be in (0, 1], got 0",
+        ),
+        (
+            "data:\n  sources:\n    - path: data/faq.csv\n      format: xlsx\n",
+            "params.yaml:4: data.sources[0].format: expected one of 'messages', 'text', 'alpaca', 'sharegpt', "
+            "'openai', 'csv', 'tsv', 'parquet', 'hf_disk', got 'xlsx'",
+        ),
+        (
+            "data:\n  sources:\n    - path: a.jsonl\n    - path: b.jsonl\n      wieght: 2\n",
+            "params.yaml:5: data.sources[1].wieght: unknown key "
+            "(known: path, format, role, weight, max_rows, columns, roles)",
+        ),
+        (
+            "data:\n  sources:\n    - path: a.csv\n      columns: {prompt: 3}\n",
+            "params.yaml:4: data.sources[0].columns: expected a mapping of a string to a string, got {'prompt': 3}",
+        ),
+        (
+            "data:\n  sources: null\n  eval_fraction: 1.0\n",
+            "params.yaml:3: data.eval_fraction: must be in [0, 1), got 1.0",
+        ),
+        (
+            "data:\n  allow_gate_cases: learn-loop\n",
+            "params.yaml:2: data.allow_gate_cases: expected a list of a string, got 'learn-loop'",
+        ),
+        (
             "convert:\n  outtype: q4_k_m\n",
             "params.yaml:2: convert.outtype: expected one of 'f16', 'bf16', 'f32', 'q8_0', got 'q4_k_m'",
         ),
