@@ -5,7 +5,9 @@
 Each check prints `PASS|FAIL|SKIP name: detail`, a failure adds `  fix: ...`. The exit status is 1 when a
 check fails, 0 otherwise; a check that cannot run reports why instead of a traceback. Reads the runner's
 environment: CUDA_VISIBLE_DEVICES, CI_BUILDS_DIR, DVC_CACHE_DIR, OLLAMA_HOST (comma-separated hosts),
-DEPLOY_REGISTRY (host:port).
+DEPLOY_REGISTRY (host:port). With GITLAB_TOKEN (Maintainer role, read_api), CI_API_V4_URL and CI_PROJECT_ID
+it also checks through the GitLab API that the `gpu` runners are protected, that the candidate runner does
+not carry the `gpu` tag, and that the resource groups process jobs oldest first.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from pipeline.common import PipelineError, run_cli
+from pipeline.gitlab_api import gitlab_settings
 from pipeline.ollama_client import host_url, hosts_from_env
 
 TIMEOUT_S = 5
@@ -282,6 +285,119 @@ def check_registry(options) -> Result:
     return failed(f"{registry}: {'; '.join(problems)}", "start the registry (docker run -p 5000:5000 registry:2)")
 
 
+# --- GitLab: the trust boundary as GitLab holds it (runner settings live in GitLab, not on this machine) ---
+
+PROTECTED_TAG = "gpu"  # .gitlab-ci.yml's .rig: retrain, commit-lock, deploy, rollback, the sweep
+CANDIDATE_TAG = "gpu-candidate"  # .gitlab-ci.yml's .candidate: merge request candidates
+RESOURCE_GROUPS = ("production", "gpu-rig")  # .gitlab-ci.yml's resource_group values
+NO_TOKEN = "no GITLAB_TOKEN (with CI_API_V4_URL and CI_PROJECT_ID): not checked through the GitLab API"
+RUNNER_FIX = (
+    f"in GitLab (Settings > CI/CD > Runners, edit the runner; or PUT /runners/:id): every `{PROTECTED_TAG}` "
+    f"runner Protected (access_level ref_protected); the candidate runner tagged `{CANDIDATE_TAG}` only, "
+    "not protected (runner/README.md)"
+)
+API_FIXES = {
+    401: "the token is invalid or expired: use a project access token with read_api",
+    403: "the token needs the Maintainer role and read_api (runner settings are for maintainers)",
+    404: "check CI_API_V4_URL and CI_PROJECT_ID, and that the token's user is a member of the project",
+}
+
+
+def gitlab_project():
+    """(python-gitlab client, the project, not fetched), or None without a token."""
+    settings = gitlab_settings(dict(os.environ))
+    if settings is None:
+        return None
+    import gitlab
+
+    client = gitlab.Gitlab(settings.url, private_token=settings.token, timeout=TIMEOUT_S)
+    return client, client.projects.get(settings.project, lazy=True)
+
+
+def api_failure(error: Exception) -> Result:
+    """One line for a refused or failed request (GitLab's message, never the token)."""
+    import gitlab
+
+    if isinstance(error, gitlab.GitlabError):
+        fix = API_FIXES.get(error.response_code, "see GitLab's answer above")
+        return failed(f"GitLab API: HTTP {error.response_code}: {error.error_message}", fix)
+    return failed(f"GitLab API: {type(error).__name__}", "check CI_API_V4_URL: is GitLab reachable from here?")
+
+
+def describe_runner(runner: dict) -> str:
+    return f"runner #{runner.get('id')} ({runner.get('description') or 'no description'})"
+
+
+def runner_problems(protected: list[dict], candidates: list[dict]) -> list[str]:
+    """What breaks the boundary, from the runners' details (GET /runners/:id) found by tag."""
+    problems = [] if protected else [f"no runner of this project has tag {PROTECTED_TAG}"]
+    for runner in protected:
+        if runner.get("access_level") != "ref_protected":
+            problems.append(
+                f"{describe_runner(runner)} has tag {PROTECTED_TAG} but is not protected "
+                f"(access_level {runner.get('access_level')}): a merge request's job could run on it"
+            )
+    for runner in candidates:
+        if PROTECTED_TAG in (runner.get("tag_list") or []):
+            problems.append(
+                f"{describe_runner(runner)} has both {CANDIDATE_TAG} and {PROTECTED_TAG}: merge request code "
+                "could run where the protected jobs run"
+            )
+        if runner.get("access_level") == "ref_protected":
+            problems.append(f"{describe_runner(runner)} ({CANDIDATE_TAG}) is protected: merge requests never get it")
+    return problems
+
+
+def check_gitlab_runners(options) -> Result:
+    connected = gitlab_project()
+    if connected is None:
+        return skipped(NO_TOKEN)
+    client, project = connected
+    try:
+        found = {
+            tag: [client.runners.get(r.id).attributes for r in project.runners.list(tag_list=[tag], get_all=True)]
+            for tag in (PROTECTED_TAG, CANDIDATE_TAG)
+        }
+    except Exception as error:  # refused, unreachable: one line, not a traceback
+        return api_failure(error)
+    problems = runner_problems(found[PROTECTED_TAG], found[CANDIDATE_TAG])
+    if problems:
+        return failed("; ".join(problems), RUNNER_FIX)
+    candidates = ", ".join(describe_runner(r) for r in found[CANDIDATE_TAG]) or "none (no candidate training)"
+    protected = ", ".join(describe_runner(r) for r in found[PROTECTED_TAG])
+    return passed(f"{PROTECTED_TAG}: {protected} protected; {CANDIDATE_TAG}: {candidates}, without {PROTECTED_TAG}")
+
+
+def check_gitlab_resource_groups(options) -> Result:
+    import gitlab
+
+    connected = gitlab_project()
+    if connected is None:
+        return skipped(NO_TOKEN)
+    _, project = connected
+    modes, problems = [], []
+    for key in RESOURCE_GROUPS:
+        try:
+            mode = project.resource_groups.get(key).attributes.get("process_mode")
+        except gitlab.GitlabGetError as error:
+            if error.response_code != 404 or "Project" in str(error.error_message):
+                return api_failure(error)
+            problems.append(f"{key}: no such resource group yet (GitLab creates it when its first job runs)")
+            continue
+        except Exception as error:
+            return api_failure(error)
+        modes.append(f"{key} {mode}")
+        if mode != "oldest_first":
+            problems.append(f"{key}: process_mode {mode}, want oldest_first")
+    if problems:
+        return failed(
+            "; ".join(problems),
+            "PUT /projects/:id/resource_groups/<key> with process_mode=oldest_first (once the group exists), so "
+            "a queued older deploy never runs after a newer one and moves `latest` back",
+        )
+    return passed(", ".join(modes))
+
+
 CHECKS: dict[str, Callable] = {
     "gpu-driver": check_driver,
     "torch-cuda": check_torch,
@@ -291,6 +407,8 @@ CHECKS: dict[str, Callable] = {
     "dvc-remote": check_dvc_remote,
     "ollama": check_ollama,
     "registry": check_registry,
+    "gitlab-runners": check_gitlab_runners,
+    "gitlab-resource-groups": check_gitlab_resource_groups,
 }
 
 

@@ -7,10 +7,11 @@ Unknown keys, wrong types and impossible values all become one PipelineError tha
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 import yaml
@@ -19,6 +20,11 @@ from pipeline.common import PipelineError
 from pipeline.model_names import PARTS, name_part_error
 
 DEFAULT_PARAMS = Path("params.yaml")
+# A git commit on the hub: with trust_remote_code the model repository's Python runs here, so it must be
+# the code that was reviewed, not whatever a branch or tag points at by the next run.
+HUB_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+# modelfile.license is read by the modelfile stage, which tracks this directory (and ships the text).
+LICENSE_DIR = "modelfiles"
 
 
 def _check(predicate, message: str) -> dict:
@@ -284,7 +290,7 @@ class ModelfileParams:
     num_ctx: int = field(default=2048, metadata=POSITIVE)
     # PARAMETER num_gpu: layers offloaded to the GPU; 0 = CPU only; null = Ollama decides.
     num_gpu: int | None = field(default=None, metadata=_check(lambda v: v is None or v >= 0, "must be >= 0 or null"))
-    # LICENSE: a UTF-8 text file shipped as the model's license (keep it in modelfiles/, which the stage
+    # LICENSE: a UTF-8 text file shipped as the model's license, a relative path inside modelfiles/ (which the stage
     # tracks); null = no LICENSE.
     license: str | None = None
 
@@ -413,11 +419,47 @@ def _build(cls: type, raw: Any, prefix: str, errors: list[tuple[str, str]]) -> A
     return cls(**values)
 
 
+def _remote_code_error(base: BaseParams, raw: Any) -> tuple[str, str] | None:
+    """A hub base (org/name, not a local directory) with trust_remote_code needs a pinned commit."""
+    if not base.trust_remote_code or "/" not in base.model or Path(base.model).is_dir():
+        return None
+    if isinstance(base.revision, str) and HUB_COMMIT.match(base.revision):
+        return None
+    reason = f"a 40-hex commit (trust_remote_code runs {base.model}'s code), got {base.revision!r}"
+    given = isinstance(raw, dict) and isinstance(raw.get("base"), dict) and "revision" in raw["base"]
+    if given:
+        return "base.revision", f"must be {reason}"
+    return "base.trust_remote_code", f"true for a hub model needs base.revision pinned to {reason}"
+
+
+def _license_error(path: str) -> str | None:
+    """Why `path` is not a file inside modelfiles/ (relative, no ..), or None."""
+    parts = PurePosixPath(path).parts
+    if PurePosixPath(path).is_absolute():
+        return f"must be a relative path inside {LICENSE_DIR}/, got the absolute path {path!r}"
+    if ".." in parts:
+        return f"must be a path inside {LICENSE_DIR}/ without '..', got {path!r}"
+    if len(parts) < 2 or parts[0] != LICENSE_DIR:
+        return f"must be a file inside {LICENSE_DIR}/ (the modelfile stage tracks it), got {path!r}"
+    return None
+
+
+def _cross_errors(params: Params, raw: Any) -> list[tuple[str, str]]:
+    """Rules between keys, or beyond a value's type: checked once every key has its own value."""
+    errors = []
+    if error := _remote_code_error(params.base, raw):
+        errors.append(error)
+    if params.modelfile.license is not None and (reason := _license_error(params.modelfile.license)):
+        errors.append(("modelfile.license", reason))
+    return errors
+
+
 def build_params(raw: Any) -> tuple[Params, list[tuple[str, str]]]:
     """Params from an already loaded mapping, and every (dotted key, reason) wrong in it. The sweep
     (pipeline/sweep_spec.py) checks params.yaml with a point's overrides applied through this."""
     errors: list[tuple[str, str]] = []
-    return _build(Params, raw if raw is not None else {}, "", errors), errors
+    params = _build(Params, raw if raw is not None else {}, "", errors)
+    return params, errors + _cross_errors(params, raw)
 
 
 def parse_params(text: str, source: str = "params.yaml") -> Params:

@@ -38,7 +38,14 @@ from pipeline.common import PipelineError, get_logger, run_cli, write_bytes_atom
 from pipeline.data_checks import Review, review
 from pipeline.data_stats import histogram_png
 from pipeline.dataset import Example, conversation_key, conversations_of_rows, jsonl_rows, parse_example, question_key
-from pipeline.dvc_status import downstream_of, run, stale_stages
+from pipeline.dvc_status import (
+    declared_stages,
+    downstream_of,
+    edited_release_files,
+    release_files,
+    run,
+    stale_stages,
+)
 from pipeline.params import DataParams, GateParams, load_params
 from pipeline.plots import Picture, Run, gate_png, loss_png, read_curve
 from pipeline.sensitive import load_allowlist
@@ -354,6 +361,25 @@ def retrain_section(cwd: Path) -> list[str]:
     return lines
 
 
+def release_edits_section(target: str, cwd: Path) -> list[str]:
+    """A merge request that edits dvc.lock or the gate's outputs: only a retrain on the default branch
+    writes them (what deploys reads), so a reviewer must see it."""
+    changed = run(["git", "diff", "--name-only", f"{target}...HEAD"], cwd).stdout.splitlines()
+    try:
+        edited = edited_release_files(changed, release_files(declared_stages(cwd)))
+    except PipelineError as error:
+        return ["## Release files", "", f"Not checked: {error}"]
+    if not edited:
+        return []
+    return [
+        "## Release files edited",
+        "",
+        f"**This merge request edits {', '.join(f'`{path}`' for path in edited)}**, which only the pipeline writes "
+        "(a retrain commits them on the default branch; deploy reads them). `python -m pipeline.ci stale` "
+        "refuses a hand-edited one. Drop these changes unless a pipeline wrote them.",
+    ]
+
+
 def written_in_this_pipeline(cwd: Path, path: Path) -> bool:
     """The file exists and is not the version git has at HEAD: the committed gate files describe the
     model of the commit the MR starts from, not a candidate."""
@@ -515,6 +541,7 @@ def build_report(
         [f"# Merge request report: `{head}` against `{target}`"],
         dataset_section(target, cwd, counter_factory),
         cases_section(target, cwd),
+        release_edits_section(target, cwd),
         retrain_section(cwd),
         ["## Params", "", dvc_markdown(["dvc", "params", "diff", "--md", target], cwd)],
         ["## Metrics", "", dvc_markdown(["dvc", "metrics", "diff", "--md", target], cwd)],

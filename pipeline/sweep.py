@@ -39,6 +39,7 @@ from pathlib import Path
 import yaml
 
 from pipeline.common import PipelineError, get_logger, run_cli, write_bytes_atomic, write_json_atomic, write_text_atomic
+from pipeline.gitlab_api import TOKEN_VARIABLES, GitLabSettings, gitlab_settings
 from pipeline.plots import sweep_png
 from pipeline.sweep_spec import Outcome, Sweep, as_json, load_sweep, markdown_table, outcome, rank, sweep_experiments
 
@@ -46,7 +47,6 @@ log = get_logger("sweep")
 
 # read by pipeline/gate.py main (an entry point: not importable from here)
 GATE_NO_FAIL = "LLM_GITOPS_GATE_NO_FAIL"
-TOKEN_VARIABLES = ("GITLAB_TOKEN", "GITLAB_REPORT_TOKEN")
 REPORTS = Path("reports/sweep")
 POLL_S = 5.0
 UNFINISHED = ("Queued", "Running")
@@ -251,16 +251,7 @@ def write_reports(ranked: list[Outcome], sweep_name: str) -> str:
     return table
 
 
-def gitlab_settings(env: dict[str, str]) -> tuple[str, str, str] | None:
-    """(server URL, project id, token) from the job's environment, or None without a token."""
-    token = next((env[name] for name in TOKEN_VARIABLES if env.get(name)), "")
-    api, project = env.get("CI_API_V4_URL", ""), env.get("CI_PROJECT_ID", "")
-    if not (token and api and project):
-        return None
-    return re.sub(r"/api/v4/?$", "", api), project, token
-
-
-def open_merge_request(settings: tuple[str, str, str], branch: str, target: str, title: str, body: str) -> str:
+def open_merge_request(settings: GitLabSettings, branch: str, target: str, title: str, body: str) -> str:
     import gitlab
 
     url, project_id, token = settings

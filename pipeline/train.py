@@ -6,13 +6,16 @@
 Loss on assistant tokens only (every assistant turn), through the model's own chat template;
 eval loss each epoch; early stopping keeps the best epoch's adapter. Checkpoints go outside
 DVC's outputs (see `checkpoint_root`), so a rerun with the same inputs resumes where an
-interrupted run stopped. `train.num_processes > 1` relaunches this stage under torchrun (DDP).
+interrupted run stopped; each carries a record (the inputs' fingerprint and the sha256 of every
+file saved with it), and a checkpoint without a matching record is ignored with a warning.
+`train.num_processes > 1` relaunches this stage under torchrun (DDP).
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import hmac
 import json
 import math
 import os
@@ -28,6 +31,7 @@ from pipeline.common import (
     PipelineError,
     atomic_directory,
     deterministic_torch,
+    file_sha256_hex,
     get_logger,
     read_jsonl,
     run_cli,
@@ -44,6 +48,11 @@ CHECKPOINTS_ENV = "LLM_GITOPS_CHECKPOINTS"
 DEFAULT_CHECKPOINTS = Path(".cache") / "checkpoints"
 KEEPER_FILE = "keep_best.json"
 BEST_ADAPTER_FILE = "best_adapter.safetensors"
+# Written last into every checkpoint by this stage: what it was trained on and the digest of each file.
+RECORD_FILE = "train_record.json"
+# A secret only the protected runner has (runner/config.toml.template): with it set, a record must carry
+# its HMAC, which whoever can merely write the checkpoint folder cannot compute.
+RECORD_KEY_ENV = "LLM_GITOPS_CHECKPOINT_KEY"
 # Optimizers that live in bitsandbytes' CUDA kernels.
 CUDA_OPTIMIZERS = ("paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit")
 
@@ -334,7 +343,8 @@ def checkpoint_root() -> Path:
 def inputs_fingerprint(
     base_dir: Path, data_dir: Path, train: TrainParams, data: DataParams, replay: Path | None = None
 ) -> str:
-    """Hash of everything a training run depends on: same inputs -> same checkpoint folder."""
+    """Hash of everything a training run depends on (sha256, hex): same inputs -> same checkpoint folder
+    (named by its first 16 digits) and the same record."""
     digest = hashlib.sha256(json.dumps([asdict(train), data.max_seq_length], sort_keys=True).encode())
     for folder in (base_dir, data_dir, *([replay] if replay else [])):
         files = [folder] if folder.is_file() else sorted(p for p in folder.rglob("*") if p.is_file())
@@ -342,15 +352,95 @@ def inputs_fingerprint(
             digest.update(str(path.relative_to(folder.parent if folder.is_file() else folder)).encode())
             with open(path, "rb") as handle:
                 digest.update(hashlib.file_digest(handle, "sha256").digest())
-    return digest.hexdigest()[:16]
+    return digest.hexdigest()
 
 
-def latest_checkpoint(folder: Path) -> Path | None:
-    """The newest complete checkpoint (trainer_state.json is the last file the Trainer writes)."""
-    if not folder.is_dir():
-        return None
-    complete = [p for p in folder.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
-    return max(complete, key=lambda p: int(p.name.split("-")[1]), default=None)
+def step_of(checkpoint: Path) -> int:
+    return int(checkpoint.name.split("-")[1])
+
+
+def checkpoint_files(checkpoint: Path) -> dict[str, str]:
+    """{path inside the checkpoint: sha256} of every file in it but the record."""
+    files = sorted(p for p in checkpoint.rglob("*") if p.is_file() and p != checkpoint / RECORD_FILE)
+    return {p.relative_to(checkpoint).as_posix(): file_sha256_hex(p) for p in files}
+
+
+def record_signature(record: dict, key: str) -> str:
+    """HMAC-SHA256 of the record's content under the runner's key."""
+    content = json.dumps({name: record.get(name) for name in ("fingerprint", "step", "files")}, sort_keys=True)
+    return hmac.new(key.encode(), content.encode(), hashlib.sha256).hexdigest()
+
+
+def write_record(checkpoint: Path, fingerprint: str, key: str | None = None) -> None:
+    """Vouch for a checkpoint this stage has just saved: these inputs, these files (signed when given a key)."""
+    record = {"fingerprint": fingerprint, "step": step_of(checkpoint), "files": checkpoint_files(checkpoint)}
+    if key:
+        record["signature"] = record_signature(record, key)
+    write_json_atomic(checkpoint / RECORD_FILE, record)
+
+
+def record_problem(checkpoint: Path, fingerprint: str, key: str | None = None) -> str | None:
+    """None when this stage wrote `checkpoint` for these inputs and nothing in it changed since; else why not.
+    Anything else (planted, copied from another run, half-saved, edited) must not be resumed from. With a
+    key, the record must also be signed with it: a record anyone could have computed is not enough."""
+    try:
+        record = json.loads((checkpoint / RECORD_FILE).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return f"no {RECORD_FILE} (not saved by this stage, or its save was cut)"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        return f"{RECORD_FILE} is unreadable ({type(error).__name__})"
+    if not isinstance(record, dict) or not isinstance(record.get("files"), dict):
+        return f"{RECORD_FILE} is not a record of this stage"
+    if record.get("fingerprint") != fingerprint:
+        return f"{RECORD_FILE} was written for other inputs (params, data or base)"
+    if record.get("step") != step_of(checkpoint):
+        return f"{RECORD_FILE} is for step {record.get('step')!r}, not this checkpoint's"
+    signature = str(record.get("signature", "")).encode()  # bytes: compare_digest refuses non-ASCII str
+    if key and not hmac.compare_digest(signature, record_signature(record, key).encode()):
+        return f"{RECORD_FILE} is not signed with this runner's key ({RECORD_KEY_ENV})"
+    found, recorded = checkpoint_files(checkpoint), record["files"]
+    changed = sorted(name for name in found.keys() & recorded.keys() if found[name] != recorded[name])
+    added, missing = sorted(found.keys() - recorded.keys()), sorted(recorded.keys() - found.keys())
+    for what, names in (("differs from its record", changed), ("not in its record", added), ("missing", missing)):
+        if names:
+            return f"{', '.join(names)} {what}"
+    return None
+
+
+@dataclass(frozen=True)
+class CheckpointChoice:
+    """What a rerun finds in its checkpoint folder."""
+
+    resume: Path | None  # the newest checkpoint this stage wrote for these inputs
+    refused: list[tuple[Path, str]]  # every other checkpoint there with a problem, and the problem
+    superseded: list[Path]  # older checkpoints of this stage (the Trainer keeps one; a cut rotation leaves more)
+
+
+def resumable_checkpoint(folder: Path, fingerprint: str, key: str | None = None) -> CheckpointChoice:
+    """Sort the checkpoints under `folder`. Refused and superseded ones must go before training: the Trainer's
+    rotation keeps the newest folder (by mtime) and would delete the one it is writing instead."""
+    numbered = [p for p in folder.glob("checkpoint-*") if p.is_dir() and p.name.split("-", 1)[1].isdigit()]
+    problems = {checkpoint: record_problem(checkpoint, fingerprint, key) for checkpoint in numbered}
+    trusted = [checkpoint for checkpoint, problem in problems.items() if problem is None]
+    resume = max(trusted, key=step_of, default=None)
+    refused = sorted(((c, p) for c, p in problems.items() if p is not None), key=lambda item: step_of(item[0]))
+    return CheckpointChoice(resume, refused, sorted((c for c in trusted if c != resume), key=step_of))
+
+
+def recorder_callback(fingerprint: str, key: str | None = None):
+    """Writes the record into each checkpoint once every process has saved its part (rng_state_<rank>)."""
+    from transformers import TrainerCallback
+
+    class _Recorder(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                dist.barrier()
+            if state.is_world_process_zero:
+                write_record(Path(args.output_dir) / f"checkpoint-{state.global_step}", fingerprint, key)
+
+    return _Recorder()
 
 
 def loss_curves(log_history: list[dict]) -> tuple[list[dict], list[dict]]:
@@ -395,11 +485,22 @@ def run(
 ) -> dict:
     train_rows, eval_rows, replayed = training_rows(data_dir, replay, params.train)
     fingerprint = inputs_fingerprint(base_dir, data_dir, params.train, params.data, replay)
-    checkpoints = checkpoint_root() / f"train-{fingerprint}"
+    checkpoints = checkpoint_root() / f"train-{fingerprint[:16]}"
     setup = build_trainer(base_dir, train_rows, eval_rows, params.train, params.data, checkpoints)
     trainer, keeper = setup.trainer, setup.keeper
+    key = os.environ.get(RECORD_KEY_ENV) or None
+    trainer.add_callback(recorder_callback(fingerprint, key))  # after the keeper's: its files are in the record
     leader = trainer.is_world_process_zero()
-    resume = latest_checkpoint(checkpoints)
+    choice = resumable_checkpoint(checkpoints, fingerprint, key)
+    resume = choice.resume
+    trainer.accelerator.wait_for_everyone()  # every process has chosen before any folder goes
+    if leader:
+        for folder, problem in choice.refused:
+            log.warning("ignoring checkpoint %s: %s", folder, problem)
+        if choice.refused and not resume:
+            log.warning("no checkpoint this stage wrote for these inputs: training starts fresh")
+        for folder in [*(folder for folder, _ in choice.refused), *choice.superseded]:
+            shutil.rmtree(folder, ignore_errors=True)
     if resume:
         keeper.load(resume)
         if leader:
@@ -437,7 +538,7 @@ def run(
         "replayed_conversations": replayed,
         "stopped_early": keeper.stopped_early,
         "shipped": "best eval loss" if params.train.keep_best else "last step",
-        "resumed_from_step": int(resume.name.split("-")[1]) if resume else 0,
+        "resumed_from_step": step_of(resume) if resume else 0,
         "world_size": world_size(),
         "precision": precision(params.train, Device.detect()),  # machine-dependent under bf16: auto
         "trainable_parameters": trainable,

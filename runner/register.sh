@@ -35,6 +35,8 @@ CONFIG=${CONFIG:-/etc/gitlab-runner/config.toml}
 RUNNER_USER=${RUNNER_USER:-gitlab-runner}
 CANDIDATE_TOKEN=${CANDIDATE_TOKEN:-}
 CANDIDATE_CACHE_DIR=${CANDIDATE_CACHE_DIR:-/srv/gitlab-runner/candidate-cache}
+# signs the train stage's checkpoint records (protected runner only): 32 random bytes, hex
+CHECKPOINT_KEY=$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')
 
 fail() { echo "register.sh: $*" >&2; exit 1; }
 
@@ -59,11 +61,13 @@ render() {
     -e "s|@CUDA_VISIBLE_DEVICES@|$CUDA_VISIBLE_DEVICES|g" -e "s|@DVC_CACHE_DIR@|$DVC_CACHE_DIR|g" \
     -e "s|@BUILDS_DIR@|$BUILDS_DIR|g" -e "s|@HF_HOME@|$HF_HOME|g" -e "s|@DOCKER_IMAGE@|$DOCKER_IMAGE|g" \
     -e "s|@CANDIDATE_TOKEN@|$CANDIDATE_TOKEN|g" -e "s|@CANDIDATE_CACHE_DIR@|$CANDIDATE_CACHE_DIR|g" \
+    -e "s|@CHECKPOINT_KEY@|$CHECKPOINT_KEY|g" \
     "$here/config.toml.template" $([ -n "$CANDIDATE_TOKEN" ] && echo "$here/config-candidate.toml.template")
 }
 
 if [ "${DRY_RUN:-0}" = 1 ]; then
-  render | sed -e "s|$RUNNER_TOKEN|glrt-…(hidden)|g" -e "s|${CANDIDATE_TOKEN:-glrt-none}|glrt-…(hidden)|g"
+  render | sed -e "s|$RUNNER_TOKEN|glrt-…(hidden)|g" -e "s|${CANDIDATE_TOKEN:-glrt-none}|glrt-…(hidden)|g" \
+    -e "s|$CHECKPOINT_KEY|…(hidden)|g"
   exit 0
 fi
 

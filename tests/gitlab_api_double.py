@@ -267,3 +267,106 @@ class GitLabDouble:
     def __exit__(self, *exc) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+# --- runners and resource groups, as `python -m pipeline.doctor` reads them ---
+# From GitLab's "Runners API" and "Resource group API":
+# - GET /api/v4/projects/:id/runners: the runners available to the project, as summaries (id, description,
+#   ip_address, active, paused, is_shared, runner_type, name, online, status); `tag_list` (comma-separated)
+#   keeps the runners that have every listed tag, `type` (instance_type|group_type|project_type) and
+#   `paused` filter too; paginated like every list (x-page, x-per-page, x-total, x-total-pages, x-next-page);
+# - GET /api/v4/runners/:id: the details, the summary plus tag_list, run_untagged, locked, maximum_timeout,
+#   access_level (not_protected | ref_protected) and projects; an unknown runner: 404 "404 Runner Not Found";
+# - GET /api/v4/projects/:id/resource_groups/:key: {id, key, process_mode (unordered | oldest_first |
+#   newest_first | newest_ready_first), created_at, updated_at}; a key no job has used yet: 404 "404 Not found".
+
+RUNNERS_PATH = re.compile(r"^/api/v4/projects/(?P<project>[^/]+)/runners$")
+RUNNER_PATH = re.compile(r"^/api/v4/runners/(?P<runner>\d+)$")
+RESOURCE_GROUP_PATH = re.compile(r"^/api/v4/projects/(?P<project>[^/]+)/resource_groups/(?P<key>[^/]+)$")
+SUMMARY_KEYS = (
+    "id",
+    "description",
+    "ip_address",
+    "active",
+    "paused",
+    "is_shared",
+    "runner_type",
+    "name",
+    "online",
+    "status",
+)
+
+
+def runner_details(runner_id: int, description: str, tags: list[str], access_level: str = "not_protected") -> dict:
+    """A project runner as GET /runners/:id describes it."""
+    return {
+        "id": runner_id,
+        "description": description,
+        "ip_address": None,
+        "active": True,
+        "paused": False,
+        "is_shared": False,
+        "runner_type": "project_type",
+        "name": "gitlab-runner",
+        "online": True,
+        "status": "online",
+        "tag_list": tags,
+        "run_untagged": False,
+        "locked": True,
+        "maximum_timeout": 43200,
+        "access_level": access_level,
+        "projects": [{"id": 42, "name": "llm-gitops", "path_with_namespace": "ml/llm-gitops"}],
+    }
+
+
+@dataclass
+class RigSettings:
+    """What GitLab holds about the rig: its runners (as GET /runners/:id) and resource groups (key -> mode)."""
+
+    runners: list[dict] = field(default_factory=list)
+    resource_groups: dict[str, str] = field(default_factory=dict)
+
+
+def _rig_answer(state: GitLabState, rig: RigSettings, url) -> tuple[int, object, dict[str, str]] | None:
+    """(status, payload, headers) for a runner or resource group GET; None: not one of these routes."""
+    projects = (state.project_id, state.project_path)
+    if listed := RUNNERS_PATH.match(url.path):
+        if unquote(listed["project"]) not in projects:
+            return 404, {"message": "404 Project Not Found"}, {}
+        query = parse_qs(url.query)
+        wanted = {tag for tag in query.get("tag_list", [""])[0].split(",") if tag}
+        kind = query.get("type", [None])[0]
+        chosen = [r for r in rig.runners if wanted <= set(r["tag_list"]) and kind in (None, r["runner_type"])]
+        pages = {"x-page": "1", "x-per-page": "20", "x-total": str(len(chosen)), "x-total-pages": "1"}
+        return 200, [{key: r[key] for key in SUMMARY_KEYS} for r in chosen], {**pages, "x-next-page": ""}
+    if single := RUNNER_PATH.match(url.path):
+        runner = next((r for r in rig.runners if r["id"] == int(single["runner"])), None)
+        return (200, runner, {}) if runner else (404, {"message": "404 Runner Not Found"}, {})
+    if group := RESOURCE_GROUP_PATH.match(url.path):
+        if unquote(group["project"]) not in projects:
+            return 404, {"message": "404 Project Not Found"}, {}
+        key = unquote(group["key"])
+        if key not in rig.resource_groups:
+            return 404, {"message": "404 Not found"}, {}
+        stamp = "2026-01-01T00:00:00.000Z"
+        mode = rig.resource_groups[key]
+        return 200, {"id": 3, "key": key, "process_mode": mode, "created_at": stamp, "updated_at": stamp}, {}
+    return None
+
+
+class GitLabRigDouble(GitLabDouble):
+    """The double with the runner and resource group routes too: `with GitLabRigDouble(state, rig) as api`."""
+
+    def __init__(self, state: GitLabState, rig: RigSettings):
+        class Handler(_handler(state)):
+            def _route(self, method: str) -> None:
+                authorised = self.headers.get("PRIVATE-TOKEN") == state.token
+                answer = _rig_answer(state, rig, urlsplit(self.path)) if authorised and method == "GET" else None
+                if answer is None:
+                    return super()._route(method)  # every other route, and the 401 without the token
+                state.requests.append((method, self.path))
+                return self._send(answer[0], answer[1], answer[2])
+
+        super().__init__(state)
+        self.server.RequestHandlerClass = Handler
+        self.rig = rig

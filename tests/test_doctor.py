@@ -3,6 +3,8 @@
 Ollama and a Docker registry cannot run here: the doctor talks to local doubles that answer as their APIs
 are documented (Ollama `GET /api/version` -> {"version": ...}; Docker Registry HTTP API v2 `GET /v2/` -> 200
 with `Docker-Distribution-API-Version: registry/2.0`, or 401 with `WWW-Authenticate` when it wants a login).
+GitLab's runner settings come from tests/gitlab_api_double.py, which follows GitLab's Runners and Resource
+group API documentation.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import yaml
+from gitlab_api_double import GitLabRigDouble, GitLabState, RigSettings, runner_details
 
 from pipeline import doctor
 
@@ -92,8 +96,11 @@ def dvc_project(tmp_path) -> Path:
     return project
 
 
+SETTINGS = ("OLLAMA_HOST", "DEPLOY_REGISTRY", "DVC_REMOTE", "GITLAB_TOKEN", "GITLAB_REPORT_TOKEN", "CI_API_V4_URL")
+
+
 def run_doctor(cwd: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
-    base = {k: v for k, v in os.environ.items() if k not in ("OLLAMA_HOST", "DEPLOY_REGISTRY", "DVC_REMOTE")}
+    base = {k: v for k, v in os.environ.items() if k not in (*SETTINGS, "CI_PROJECT_ID")}
     base["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{base['PATH']}"
     base["PYTHONPATH"] = str(ROOT)
     return subprocess.run(
@@ -128,6 +135,7 @@ def test_every_check_reports_on_this_machine_and_a_missing_gpu_fails_with_fixes(
         assert result.returncode == 1
         assert "     fix: install the NVIDIA driver" in result.stdout
         assert "failed: gpu-driver, torch-cuda" in result.stdout.splitlines()[-1]
+    assert reported["gitlab-runners"] == f"SKIP gitlab-runners: {doctor.NO_TOKEN}"  # no token given
 
 
 def test_unreachable_services_and_a_missing_mount_fail_with_a_fix_each(dvc_project, tmp_path):
@@ -205,3 +213,106 @@ def test_an_ollama_host_that_is_not_a_host_fails_with_the_forms_to_use(monkeypat
     result = doctor.check_ollama(None)
     assert result.status == "FAIL"
     assert result.detail == "OLLAMA_HOST: Ollama host 'ftp://gpu-box': expected host, host:port or http(s)://host:port"
+
+
+# --- through the GitLab API: tests/gitlab_api_double.py answers as GitLab's Runners and Resource group APIs
+# are documented (GET /projects/:id/runners?tag_list=, GET /runners/:id, GET /projects/:id/resource_groups/:key)
+
+GITLAB_CHECKS = ("--only", "gitlab-runners", "gitlab-resource-groups")
+TOKEN = "glpat-doctor-test"
+
+
+def gitlab_env(api) -> dict[str, str]:
+    return {"GITLAB_TOKEN": TOKEN, "CI_API_V4_URL": api.url, "CI_PROJECT_ID": "ml/llm-gitops"}
+
+
+def rig_settings(**changes) -> RigSettings:
+    """The rig as runner/README.md sets it up: gpu protected, the candidate not, both groups oldest first."""
+    settings = {
+        "protected": runner_details(12, "gpu-rig", ["gpu"], "ref_protected"),
+        "candidate": runner_details(13, "gpu-rig-candidate", ["gpu-candidate"]),
+        "groups": {"production": "oldest_first", "gpu-rig": "oldest_first"},
+        **changes,
+    }
+    other = runner_details(14, "shared cpu", ["cpu"])
+    return RigSettings([settings["protected"], settings["candidate"], other], settings["groups"])
+
+
+def gitlab_state() -> GitLabState:
+    return GitLabState(token=TOKEN, user={"id": 5, "username": "maintainer"})
+
+
+def test_gitlab_settings_pass_when_only_protected_runners_carry_gpu_and_deploys_run_oldest_first(dvc_project):
+    state = gitlab_state()
+    with GitLabRigDouble(state, rig_settings()) as api:
+        result = run_doctor(dvc_project, gitlab_env(api), *GITLAB_CHECKS)
+    assert result.returncode == 0, result.stdout + result.stderr
+    reported = lines_of(result.stdout)
+    assert reported["gitlab-runners"] == (
+        "PASS gitlab-runners: gpu: runner #12 (gpu-rig) protected; "
+        "gpu-candidate: runner #13 (gpu-rig-candidate), without gpu"
+    )
+    assert reported["gitlab-resource-groups"] == (
+        "PASS gitlab-resource-groups: production oldest_first, gpu-rig oldest_first"
+    )
+    assert ("GET", "/api/v4/projects/ml%2Fllm-gitops/runners?tag_list=gpu") in state.requests
+    assert ("GET", "/api/v4/runners/12") in state.requests
+    assert ("GET", "/api/v4/projects/ml%2Fllm-gitops/resource_groups/production") in state.requests
+    assert TOKEN not in result.stdout + result.stderr
+
+
+def test_an_unprotected_gpu_runner_a_candidate_with_the_gpu_tag_and_unordered_deploys_fail(dvc_project):
+    rig = rig_settings(
+        protected=runner_details(12, "gpu-rig", ["gpu"], "not_protected"),
+        candidate=runner_details(13, "gpu-rig-candidate", ["gpu-candidate", "gpu"]),
+        groups={"production": "unordered"},
+    )
+    with GitLabRigDouble(gitlab_state(), rig) as api:
+        result = run_doctor(dvc_project, gitlab_env(api), *GITLAB_CHECKS)
+    assert result.returncode == 1
+    reported = lines_of(result.stdout)
+    assert reported["gitlab-runners"] == (
+        "FAIL gitlab-runners: runner #12 (gpu-rig) has tag gpu but is not protected (access_level not_protected): "
+        "a merge request's job could run on it; "
+        "runner #13 (gpu-rig-candidate) has tag gpu but is not protected (access_level not_protected): "
+        "a merge request's job could run on it; "
+        "runner #13 (gpu-rig-candidate) has both gpu-candidate and gpu: merge request code could run where "
+        "the protected jobs run"
+    )
+    assert reported["gitlab-resource-groups"] == (
+        "FAIL gitlab-resource-groups: production: process_mode unordered, want oldest_first; "
+        "gpu-rig: no such resource group yet (GitLab creates it when its first job runs)"
+    )
+    fixes = [line for line in result.stdout.splitlines() if line.startswith("     fix: ")]
+    assert fixes[0].startswith("     fix: in GitLab (Settings > CI/CD > Runners")
+    assert "process_mode=oldest_first" in fixes[1]
+
+
+def test_no_gpu_runner_and_a_protected_candidate_fail(dvc_project):
+    rig = RigSettings([runner_details(13, "gpu-rig-candidate", ["gpu-candidate"], "ref_protected")], {})
+    with GitLabRigDouble(gitlab_state(), rig) as api:
+        result = run_doctor(dvc_project, gitlab_env(api), "--only", "gitlab-runners")
+    assert lines_of(result.stdout)["gitlab-runners"] == (
+        "FAIL gitlab-runners: no runner of this project has tag gpu; "
+        "runner #13 (gpu-rig-candidate) (gpu-candidate) is protected: merge requests never get it"
+    )
+
+
+def test_a_refused_token_and_an_unknown_project_are_one_line_each_with_a_fix(dvc_project):
+    with GitLabRigDouble(gitlab_state(), rig_settings()) as api:
+        refused = run_doctor(dvc_project, {**gitlab_env(api), "GITLAB_TOKEN": "glpat-wrong"}, *GITLAB_CHECKS)
+        unknown = run_doctor(dvc_project, {**gitlab_env(api), "CI_PROJECT_ID": "999"}, *GITLAB_CHECKS)
+    assert "Traceback" not in refused.stderr + unknown.stderr
+    assert lines_of(refused.stdout)["gitlab-runners"] == "FAIL gitlab-runners: GitLab API: HTTP 401: 401 Unauthorized"
+    assert "     fix: the token is invalid or expired" in refused.stdout
+    assert "glpat-wrong" not in refused.stdout + refused.stderr
+    assert lines_of(unknown.stdout)["gitlab-resource-groups"] == (
+        "FAIL gitlab-resource-groups: GitLab API: HTTP 404: 404 Project Not Found"
+    )
+
+
+def test_the_doctor_checks_the_tags_and_resource_groups_that_gitlab_ci_yml_uses():
+    ci = yaml.safe_load((ROOT / ".gitlab-ci.yml").read_text())
+    assert ci[".rig"]["tags"] == [doctor.PROTECTED_TAG] and ci[".candidate"]["tags"] == [doctor.CANDIDATE_TAG]
+    groups = {job["resource_group"] for job in ci.values() if isinstance(job, dict) and "resource_group" in job}
+    assert groups == set(doctor.RESOURCE_GROUPS)

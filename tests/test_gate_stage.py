@@ -263,10 +263,13 @@ def test_the_stage_writes_metrics_report_and_verdict_and_scores_the_same_twice(
     second = run_gate(tiny_base, work, tiny_gate_params, cases_file, tiny_probes, tmp_path / "second")
     passed, metrics, verdict, report = first
 
-    # tqdm shows every model's progress: each case answered, each reference and probe scored
+    # tqdm shows every model's progress: each case answered, each reference and probe scored; the base's
+    # measurement is stage baseline's, the gate reads it back
     work_items = 2 * len(cases) + PROBES
-    for name in ("before", "merged", "f16", "q8_0"):
-        assert f"gate {name}: 100%" in progress and f"{work_items}/{work_items}" in progress
+    assert f"baseline: 100%|██████████| {work_items}/{work_items}" in progress
+    for name in ("merged", "f16", "q8_0"):
+        assert f"gate {name}: 100%|██████████| {work_items}/{work_items}" in progress
+    assert "gate before" not in progress
     assert set(metrics) == {"passed", "ship", "learn", "keep", "nll", "forgetting", "unstable", "variants_passed"}
     assert metrics["passed"] is passed and metrics["ship"] == (verdict["quant"] if passed else None)
     models = {"before", "merged", "f16", "q8_0"}

@@ -117,6 +117,74 @@ def test_bad_params_name_the_line_and_key(text, message):
     assert message in error_of(text)
 
 
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "base:\n  model: org/model\n  revision: main\n  trust_remote_code: true\n",
+            "params.yaml:3: base.revision: must be a 40-hex commit (trust_remote_code runs org/model's code), "
+            "got 'main'",
+        ),
+        (
+            "base:\n  model: org/model\n  trust_remote_code: true\n",
+            "params.yaml:3: base.trust_remote_code: true for a hub model needs base.revision pinned to a 40-hex "
+            "commit (trust_remote_code runs org/model's code), got None",
+        ),
+        (
+            f"base:\n  model: org/model\n  revision: {COMMIT.upper()}\n  trust_remote_code: true\n",
+            "params.yaml:3: base.revision: must be a 40-hex commit",
+        ),
+        (
+            "modelfile:\n  license: ../secrets/token.txt\n",
+            "params.yaml:2: modelfile.license: must be a path inside modelfiles/ without '..', "
+            "got '../secrets/token.txt'",
+        ),
+        (
+            "modelfile:\n  license: modelfiles/../.env\n",
+            "params.yaml:2: modelfile.license: must be a path inside modelfiles/ without '..'",
+        ),
+        (
+            "modelfile:\n  license: /etc/passwd\n",
+            "params.yaml:2: modelfile.license: must be a relative path inside modelfiles/, got the absolute path "
+            "'/etc/passwd'",
+        ),
+        (
+            "modelfile:\n  license: LICENSE\n",
+            "params.yaml:2: modelfile.license: must be a file inside modelfiles/ (the modelfile stage tracks it), "
+            "got 'LICENSE'",
+        ),
+        ("modelfile:\n  license: modelfiles\n", "params.yaml:2: modelfile.license: must be a file inside modelfiles/"),
+    ],
+)
+def test_remote_code_needs_a_pinned_commit_and_the_license_stays_in_modelfiles(text, message):
+    assert message in error_of(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "revision", "license"),
+    [
+        (f"base:\n  model: org/model\n  revision: {COMMIT}\n  trust_remote_code: true\n", COMMIT, None),
+        ("base:\n  model: org/model\n  revision: main\n", "main", None),  # no remote code: a branch is allowed
+        ("base:\n  model: tiny\n  trust_remote_code: true\n", None, None),  # embedded: no hub code runs
+        ("modelfile:\n  license: modelfiles/LICENSE.txt\n", None, "modelfiles/LICENSE.txt"),
+        ("modelfile:\n  license: ./modelfiles/l/apache-2.0.txt\n", None, "./modelfiles/l/apache-2.0.txt"),
+    ],
+)
+def test_a_pinned_commit_and_a_license_inside_modelfiles_load(text, revision, license):
+    params = parse_params(text)
+    assert (params.base.revision, params.modelfile.license) == (revision, license)
+
+
+def test_a_local_directory_base_needs_no_revision_for_remote_code(tmp_path, monkeypatch):
+    (tmp_path / "org" / "model").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    params = parse_params("base:\n  model: org/model\n  trust_remote_code: true\n")
+    assert params.base.trust_remote_code is True and params.base.revision is None
+
+
 def test_every_problem_is_reported_at_once_in_file_order():
     message = error_of("train:\n  epochs: 0\n  bogus: 1\nmerge:\n  atol: -1\n")
     lines = message.splitlines()[1:]

@@ -396,3 +396,17 @@ def test_a_picture_other_tooling_wrote_is_embedded_when_listed_and_present(repo)
     ]
     text = build_report(repo, "main", {}, lambda corpus: WORDS, pictures)
     assert "\n## Pictures\n\n![Token lengths per conversation](mr-lengths.png)\n" in text
+
+
+def test_a_merge_request_that_edits_the_lock_or_the_gate_verdict_is_flagged(repo):
+    data_only = build_report(repo, "main", {}, lambda corpus: WORDS)
+    assert "## Release files edited" not in data_only
+    verdict = repo / "models" / "gate" / "verdict.json"
+    verdict.write_text(verdict.read_text().replace('"passed": true', '"passed": true ') + "\n")
+    lock = repo / "dvc.lock"
+    lock.write_text(lock.read_text() + "\n")
+    commit(repo, "hand-edited release files")
+
+    text = build_report(repo, "main", {}, lambda corpus: WORDS)
+    assert "## Release files edited" in text
+    assert "**This merge request edits `dvc.lock`, `models/gate/verdict.json`**" in text

@@ -65,5 +65,11 @@ def test_both_runners_are_rendered_the_candidate_in_a_container_with_read_only_s
     writable = [v.split(":")[0] for v in volumes if not v.endswith(":ro")]
     shared = {"/srv/dvc-cache", "/srv/hf", protected["builds_dir"]}
     assert writable == ["/srv/gitlab-runner/candidate-cache"] and not any(w in shared for w in writable)
+    # the key that signs the train stage's checkpoint records: the protected runner's only, hidden like a token
+    keys = [
+        dict(item.split("=", 1) for item in r["environment"]).get("LLM_GITOPS_CHECKPOINT_KEY")
+        for r in (protected, candidate)
+    ]
+    assert keys == ["…(hidden)", None]
     same = register(GITLAB_URL="https://gitlab.example.com", RUNNER_TOKEN="glrt-x", CANDIDATE_TOKEN="glrt-x")
     assert same.returncode == 1 and "CANDIDATE_TOKEN must be another runner" in same.stderr
