@@ -45,9 +45,16 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to `path` that replaces it only if the block succeeds: readers
     never see half a file, and a failed write leaves the previous file (or none) in place."""
     path = Path(path)
-    tmp = _temp_sibling(path)
+    # a device or a pipe (`--metrics /dev/null`): written through, never replaced by a rename, which as
+    # root would turn /dev/null into a regular file for every process after
+    special = path.exists() and not path.is_file()
+    tmp = _temp_sibling(Path(tempfile.gettempdir()) / path.name if special else path)
     try:
         yield tmp
+        if special:
+            with open(path, "wb") as target:
+                target.write(tmp.read_bytes())
+            return
         tmp.chmod(0o644)  # mkstemp creates 0600
         os.replace(tmp, path)
     finally:
