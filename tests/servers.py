@@ -199,15 +199,22 @@ class OllamaServer(Server):
 class RegistryServer(Server):
     name = "registry"
 
-    def __init__(self, binary: Path, workdir: Path):
+    def __init__(self, binary: Path, workdir: Path, delete: bool = True):
         super().__init__(binary, workdir)
         self.storage = workdir / "storage"
         self.config = workdir / "config.yml"
+        # deletes enabled, as retention needs (the doctor's test runs one without)
         self.config.write_text(
             "version: 0.1\nlog:\n  level: warn\n"
-            f"storage:\n  filesystem:\n    rootdirectory: {self.storage}\n  delete:\n    enabled: true\n"
+            f"storage:\n  filesystem:\n    rootdirectory: {self.storage}\n"
+            f"  delete:\n    enabled: {'true' if delete else 'false'}\n"
             f"http:\n  addr: {self.address}\n"
         )
+        self.read_only = False  # restarted with storage.maintenance.readonly (as for garbage-collect)
+
+    def env(self) -> dict[str, str]:
+        readonly = {"REGISTRY_STORAGE_MAINTENANCE_READONLY": '{"enabled":true}'} if self.read_only else {}
+        return {**super().env(), **readonly}
 
     def command(self) -> list[str]:
         return [str(self.binary), "serve", str(self.config)]

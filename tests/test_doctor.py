@@ -1,8 +1,10 @@
 """The runner doctor on this machine (no GPU here): every check reports PASS/FAIL/SKIP with a fix, none crashes.
 
-Ollama and a Docker registry cannot run here: the doctor talks to local doubles that answer as their APIs
-are documented (Ollama `GET /api/version` -> {"version": ...}; Docker Registry HTTP API v2 `GET /v2/` -> 200
-with `Docker-Distribution-API-Version: registry/2.0`, or 401 with `WWW-Authenticate` when it wants a login).
+Most checks talk to local doubles that answer as the services' APIs are documented (Ollama
+`GET /api/version` -> {"version": ...}; Docker Registry HTTP API v2 `GET /v2/` -> 200 with
+`Docker-Distribution-API-Version: registry/2.0`, or 401 with `WWW-Authenticate` when it wants a login).
+Whether the registry allows deletes (retention's need) is checked against the real Debian docker-registry,
+with deletes on and off.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from types import SimpleNamespace
 import pytest
 
 from pipeline import doctor
+from tests.servers import RegistryServer
 
 ROOT = Path(__file__).resolve().parent.parent
 STATUS_LINE = r"^(PASS|FAIL|SKIP) [a-z-]+: .+"
@@ -42,6 +45,8 @@ class Double:
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
+
+            do_DELETE = do_GET  # unknown paths: 404, as a registry with deletes enabled answers an unknown manifest
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
@@ -205,3 +210,27 @@ def test_an_ollama_host_that_is_not_a_host_fails_with_the_forms_to_use(monkeypat
     result = doctor.check_ollama(None)
     assert result.status == "FAIL"
     assert result.detail == "OLLAMA_HOST: Ollama host 'ftp://gpu-box': expected host, host:port or http(s)://host:port"
+
+
+@pytest.mark.parametrize("delete", [True, False], ids=["deletes-enabled", "deletes-disabled"])
+def test_the_registry_check_says_whether_retention_can_delete(dvc_project, registry_binary, tmp_path, delete):
+    """Against Debian's docker-registry (distribution 2.8): with `storage.delete.enabled: false` a DELETE of
+    a manifest answers 405 UNSUPPORTED, and the doctor says how to turn deletes on."""
+    registry = RegistryServer(registry_binary, tmp_path / "registry", delete=delete)
+    registry.start()
+    try:
+        result = run_doctor(dvc_project, {"DEPLOY_REGISTRY": registry.address}, "--only", "registry")
+    finally:
+        registry.stop()
+
+    answers = f"http://{registry.address}/v2/ answers (Docker registry API v2, no authentication)"
+    if delete:
+        assert result.returncode == 0
+        assert f"PASS registry: {answers}; deletes enabled" in result.stdout
+    else:
+        assert result.returncode == 1
+        assert f"FAIL registry: {answers}, but refuses deletes (HTTP 405)" in result.stdout
+        assert "fix: the registry has deletes disabled; enable them with `storage: delete: enabled: true`" in (
+            result.stdout
+        )
+        assert "REGISTRY_STORAGE_DELETE_ENABLED=true" in result.stdout
