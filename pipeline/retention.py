@@ -140,7 +140,7 @@ def _commit_matches(tag_or_commit: str | None, commit: str) -> bool:
 def plan_registry(
     repository: str,
     versions: Iterable[Version],
-    latest: str | None,
+    latest: Version | None,
     keep_versions: int,
     keep_days: int,
     git_tags: Mapping[str, str],
@@ -148,16 +148,17 @@ def plan_registry(
     now: datetime.datetime,
     noted: Iterable[str] = (),
 ) -> Plan:
-    """Keep or delete each version tag (see the module's doc). `latest`: the digest `latest` holds;
+    """Keep or delete each version tag (see the module's doc). `latest`: what the tag `latest` holds;
     `git_tags`: git tag name -> commit; `noted`: the tags that have a release note."""
     versions = sorted(versions, key=lambda v: v.tag)
+    live = latest.digest if latest else None
     reasons: dict[str, list[str]] = {v.tag: [] for v in versions}
     by_digest: dict[str, list[Version]] = {}
     for version in versions:
         by_digest.setdefault(version.digest, []).append(version)
 
     for version in versions:
-        if version.digest == latest:
+        if version.digest == live:
             reasons[version.tag].append("latest points to it")
         for name, commit in sorted(git_tags.items()):
             if version.tag == name:
@@ -202,8 +203,7 @@ def plan_registry(
             ]
         decisions.append(Decision(version.tag, version.digest, version.size, keep, tuple(why)))
     if latest is not None:
-        size = sum(by_digest[latest][0].blobs.values()) if latest in by_digest else 0
-        decisions.append(Decision(LATEST, latest, size, True, ("the live tag",)))
+        decisions.append(Decision(LATEST, latest.digest, latest.size, True, ("the live tag",)))
 
     kept_blobs = {blob for v in versions if v.digest in kept_digests for blob in v.blobs}
     freed = {blob: size for v in versions if v.digest not in kept_digests for blob, size in v.blobs.items()}
@@ -274,28 +274,24 @@ def plan_host(host: str, local: Mapping[str, LocalModel], repository: Repository
 # --- reading the registry and git ---
 
 
-def registry_versions(registry: RegistryClient, notes: Mapping[str, ReleaseNote]) -> tuple[list[Version], str | None]:
-    """Every version tag with its manifest and release note, and the digest `latest` holds."""
+def registry_versions(
+    registry: RegistryClient, notes: Mapping[str, ReleaseNote]
+) -> tuple[list[Version], Version | None]:
+    """Every version tag with its manifest and release note, and what `latest` holds."""
     versions, latest = [], None
     for tag in registry.tags():
         manifest = registry.manifest(tag)
         if manifest is None:  # deleted meanwhile
             continue
-        if tag == LATEST:
-            latest = manifest.digest
-            continue
         blobs = {blob.digest: blob.size for blob in manifest.blobs}
         note = notes.get(tag)
-        versions.append(
-            Version(
-                tag,
-                manifest.digest,
-                sum(blobs.values()),
-                blobs,
-                note.when if note else None,
-                note.commit if note else None,
-            )
+        version = Version(
+            tag, manifest.digest, sum(blobs.values()), blobs, note.when if note else None, note.commit if note else None
         )
+        if tag == LATEST:
+            latest = version
+        else:
+            versions.append(version)
     return versions, latest
 
 

@@ -61,7 +61,8 @@ def test_the_plan_keeps_newest_latest_git_tagged_and_recent_and_deletes_the_rest
         record("2026-01-02T00:00:00+00:00", ["v5"], "sha256:d5"),  # too old to count
     ]
 
-    plan = plan_registry(REPO, versions, "sha256:d5", 2, 10, git_tags, records, NOW, noted=["v1", "gone"])
+    latest = version("latest", "sha256:d5", None, {"g5": 500, "t": 1})
+    plan = plan_registry(REPO, versions, latest, 2, 10, git_tags, records, NOW, noted=["v1", "gone"])
 
     why = {d.tag: d.why for d in plan.decisions}
     kept = {d.tag for d in plan.decisions if d.keep}
@@ -76,6 +77,7 @@ def test_the_plan_keeps_newest_latest_git_tagged_and_recent_and_deletes_the_rest
     # v4's GGUF g2 stays (v2 uses it): garbage-collect frees only v4's params p4 and planted's g7
     assert plan.freed_bytes == 2 + 700
     assert plan.orphan_notes == ("gone",)
+    assert [(d.tag, d.size, d.why) for d in plan.decisions if d.tag == "latest"] == [("latest", 501, ("the live tag",))]
     assert "planted" in plan.format() and "DELETE" in plan.format()
 
 
