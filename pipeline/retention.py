@@ -532,20 +532,28 @@ def main(argv: list[str] | None = None) -> None:
     params = load_params(args.params)
     settings = resolve_settings(params.deploy, os.environ, args.registry, args.host)
     outcome = Outcome(args.apply)
+
+    def keep_outcome() -> None:  # the plan is kept before anything is deleted, and again with what was
+        write_text_atomic(args.plan_out, json.dumps(asdict(outcome), indent=2, sort_keys=True) + "\n")
+
     if args.what == "registry":
         plan = registry_plan(settings, params.deploy, git_model_tags())
         print(plan.format())
         outcome.plans.append(plan.to_json())
+        keep_outcome()
         if args.apply:
             outcome.deleted = apply_registry_plan(settings, plan)
     else:
         clients, _ = settings.clients()
-        for client, plan in zip(clients, host_plans(settings), strict=True):
+        plans = host_plans(settings)
+        for plan in plans:
             print(plan.format())
             outcome.plans.append(plan.to_json())
-            if args.apply:
+        keep_outcome()
+        if args.apply:
+            for client, plan in zip(clients, plans, strict=True):
                 outcome.deleted += apply_host_plan(client, plan)
-    write_text_atomic(args.plan_out, json.dumps(asdict(outcome), indent=2, sort_keys=True) + "\n")
+    keep_outcome()
     done = f"deleted {len(outcome.deleted)}" if args.apply else "dry run: nothing changed"
     print(f"{done}; plan: {args.plan_out}")
 
