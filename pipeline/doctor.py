@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 from pipeline.common import PipelineError, run_cli
 from pipeline.gitlab_api import gitlab_settings
 from pipeline.ollama_client import host_url, hosts_from_env
+from pipeline.registry_client import DELETE_DISABLED, PROBE_DIGEST
 
 TIMEOUT_S = 5
 PROBE_TIMEOUT_S = 180  # importing torch and initialising CUDA can take a while on a cold machine
@@ -274,7 +275,7 @@ def check_registry(options) -> Result:
             problems.append(f"{scheme}: {type(error).__name__}")
             continue
         if response.status_code == 200:
-            return passed(f"{scheme}://{registry}/v2/ answers (Docker registry API v2, no authentication)")
+            return registry_deletes(f"{scheme}://{registry}")
         if response.status_code == 401:
             return failed(
                 f"{scheme}://{registry}/v2/ wants authentication",
@@ -396,6 +397,20 @@ def check_gitlab_resource_groups(options) -> Result:
             "a queued older deploy never runs after a newer one and moves `latest` back",
         )
     return passed(", ".join(modes))
+
+
+def registry_deletes(base: str) -> Result:
+    """Retention deletes old versions' manifests: a DELETE of a digest no manifest has changes nothing and
+    answers 404 MANIFEST_UNKNOWN when deletes are enabled, 405 UNSUPPORTED when not."""
+    import requests
+
+    answers = f"{base}/v2/ answers (Docker registry API v2, no authentication)"
+    response = requests.delete(f"{base}/v2/doctor/probe/manifests/{PROBE_DIGEST}", timeout=TIMEOUT_S)
+    if response.status_code == 405:
+        return failed(f"{answers}, but refuses deletes (HTTP 405): retention cannot remove versions", DELETE_DISABLED)
+    if response.status_code != 404:
+        return failed(f"{answers}; a DELETE of a manifest answers HTTP {response.status_code}", DELETE_DISABLED)
+    return passed(f"{answers}; deletes enabled (retention can remove old versions)")
 
 
 CHECKS: dict[str, Callable] = {

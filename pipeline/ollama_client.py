@@ -36,6 +36,9 @@ DEFAULT_PORT = 11434
 # Landmarks from Ollama's release history that change what deploy may rely on.
 JSON_CREATE_API = (0, 5, 5)  # before: /api/create took a Modelfile text ("path or Modelfile are required")
 GGUF_REWRITTEN = (0, 30, 0)  # from: GGUF imports go through llama-quantize COPY, the model layer's digest changes
+# The releases deploy and rollback are tested against (README "Ollama versions"); the supported range is
+# JSON_CREATE_API and later, a release newer than the newest tested is used with a warning.
+TESTED = ((0, 11, 4),)
 PROGRESS_EVERY_S = 5.0
 T = TypeVar("T")
 
@@ -59,6 +62,14 @@ def host_url(host: str) -> str:
 def parse_version(text: str) -> tuple[int, int, int] | None:
     match = re.match(r"v?(\d+)\.(\d+)\.(\d+)", text)
     return (int(match[1]), int(match[2]), int(match[3])) if match else None
+
+
+def dotted(version: tuple[int, ...]) -> str:
+    return ".".join(map(str, version))
+
+
+def supported_range() -> str:
+    return f"{dotted(JSON_CREATE_API)} and later (tested: {', '.join(dotted(v) for v in TESTED)})"
 
 
 def file_sha256(path: Path) -> str:
@@ -113,20 +124,23 @@ class OllamaClient:
     # --- version ---
 
     def check_version(self) -> tuple[int, int, int]:
-        """The server's version; a PipelineError for one older than the JSON create API (or unknown)."""
+        """The server's version; a PipelineError for one below the supported range (or unknown)."""
         text = field(self._json("GET", "/api/version", "version"), "version", str, f"{self} GET /api/version")
         version = parse_version(text)
         if version is None or version == (0, 0, 0):
             raise PipelineError(
                 f"{self} reports version {text!r}: cannot tell whether it has the JSON /api/create API "
-                f"({'.'.join(map(str, JSON_CREATE_API))}+). A source build needs "
+                f"({dotted(JSON_CREATE_API)}+). A source build needs "
                 "-ldflags '-X github.com/ollama/ollama/version.Version=<version>'"
             )
         if version < JSON_CREATE_API:
             raise PipelineError(
-                f"{self} runs Ollama {text}, older than {'.'.join(map(str, JSON_CREATE_API))}, the first with the "
-                "JSON /api/create API deploy uses; upgrade Ollama on that host"
+                f"{self} runs Ollama {text}, below the supported range {supported_range()}: "
+                f"{dotted(JSON_CREATE_API)} is the first with the JSON /api/create API deploy uses; upgrade Ollama "
+                "on that host"
             )
+        if version > TESTED[-1]:
+            log.warning("%s runs Ollama %s, newer than the newest tested (%s)", self, text, dotted(TESTED[-1]))
         self.version = version
         return version
 

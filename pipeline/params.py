@@ -279,6 +279,11 @@ class DeployParams:
     # Deployment records (JSON Lines) appended by deploy and rollback; CI keeps it as an artifact, and each
     # deployed version's record and gate verdict also lives in the registry (<model>-releases).
     records: str = "deployments/records.jsonl"
+    # Retention (python -m pipeline.retention): the newest this many versions stay in the registry, besides
+    # `latest`, every version a git tag `model-v*` names, and every version deployed in the last keep_days
+    # (0: none kept by date).
+    keep_versions: int = field(default=5, metadata=POSITIVE)
+    keep_days: int = field(default=30, metadata=NON_NEGATIVE)
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,10 @@
 """The Docker registry's own HTTP API (distribution registry:2), read by us, independently of Ollama.
 
 Used to verify what Ollama pushed (manifest bytes and digests, every blob), to move `latest` by putting
-a version's manifest bytes under that tag (same bytes, same digest, no blob re-upload), to list tags,
-and to fetch a model's blobs for rollback (Ollama's own pull from a plain registry:2 fails: it expects
-a redirect `Location` on blob GETs that the filesystem driver does not send).
+a version's manifest bytes under that tag (same bytes, same digest, no blob re-upload), to list tags, to
+delete a version's manifest (retention), and to fetch a model's blobs for rollback (Ollama's own pull
+from a plain registry:2 fails: it expects a redirect `Location` on blob GETs that the filesystem driver
+does not send).
 """
 
 from __future__ import annotations
@@ -30,6 +31,13 @@ MANIFEST_V2 = "application/vnd.docker.distribution.manifest.v2+json"
 MODEL_LAYER = "application/vnd.ollama.image.model"
 MAX_MANIFEST_BYTES = 4 << 20  # a manifest lists a few blobs: a few KB
 T = TypeVar("T")
+# What a registry without deletes needs (the doctor says the same): its config, or the env of registry:2.
+DELETE_DISABLED = (
+    "the registry has deletes disabled; enable them with `storage: delete: enabled: true` in its config.yml "
+    "(registry:2 in a container: REGISTRY_STORAGE_DELETE_ENABLED=true) and restart it"
+)
+# A digest no manifest has: deleting it changes nothing, and answers 404 when deletes are enabled, else 405.
+PROBE_DIGEST = "sha256:" + "0" * 64
 
 
 def sha256_of(data: bytes) -> str:
@@ -267,3 +275,21 @@ class RegistryClient:
                 raise PipelineError(f"{self}: {tag} stored as {announced}, expected {manifest.digest}")
 
         self._run(f"put manifest {tag}", put)
+
+    def delete_manifest(self, digest: str) -> bool:
+        """Delete the manifest `digest` and with it every tag of this repository that holds it (the
+        registry's API deletes by digest only). True when deleted, False when it was already gone. Its blobs
+        stay on disk until the registry's garbage-collect run. A registry without `storage.delete.enabled`
+        answers 405 UNSUPPORTED: one clear error saying how to turn it on."""
+        url = f"{self.base}/manifests/{check_digest(digest, str(self))}"
+
+        def delete(deadline: Deadline) -> bool:
+            response = self.session.delete(url, timeout=deadline.timeout(self.retry.timeout_s))
+            if response.status_code == 404:
+                return False
+            if response.status_code == 405:
+                raise PipelineError(f"{self}: DELETE of manifest {digest} refused: {DELETE_DISABLED}")
+            check_status(response, f"{self} delete manifest {digest}")
+            return True
+
+        return self._run(f"delete manifest {digest}", delete)

@@ -436,10 +436,10 @@ class ReleaseNote:
         return cases
 
 
-def releases_client(registry: RegistryClient) -> RegistryClient:
-    """The registry repository `<namespace>/<model>-releases`, beside the model's own."""
+def releases_client(registry: RegistryClient, suffix: str = RELEASES_SUFFIX) -> RegistryClient:
+    """The registry repository `<namespace>/<model><suffix>` (`-releases` by default), beside the model's own."""
     repository = registry.repository
-    notes = Repository(repository.registry, repository.namespace, repository.model + RELEASES_SUFFIX)
+    notes = Repository(repository.registry, repository.namespace, repository.model + suffix)
     return RegistryClient(notes, registry.insecure, registry.retry, registry.deadline_s)
 
 
@@ -484,3 +484,47 @@ def release_notes(registry: RegistryClient) -> list[ReleaseNote]:
         if note is not None:
             found.append(note)
     return found
+
+
+# --- versions removed by retention: a small mark per tag, so that rollback can say why a tag is gone ---
+
+RETIRED_MEDIA = "application/vnd.llm-gitops.retired.v1+json"
+RETIRED_SUFFIX = "-retired"
+
+
+@dataclass(frozen=True)
+class Retired:
+    """A version retention deleted (its manifest and release note): kept as `<model>-retired:<tag>`."""
+
+    tag: str
+    manifest_digest: str
+    when: str
+    why: str
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
+
+
+def write_retired(registry: RegistryClient, mark: Retired) -> None:
+    marks = releases_client(registry, RETIRED_SUFFIX)
+    config = marks.upload_blob(b"{}", RELEASE_CONFIG_MEDIA)
+    layer = marks.upload_blob(mark.to_bytes(), RETIRED_MEDIA)
+    marks.put_manifest(mark.tag, Manifest.build(config, [layer]))
+
+
+def read_retired(registry: RegistryClient, tag: str) -> Retired | None:
+    """The retention mark of `tag`, None when retention never removed it."""
+    marks = releases_client(registry, RETIRED_SUFFIX)
+    manifest = marks.manifest(tag)
+    layer = manifest and manifest.layer(RETIRED_MEDIA)
+    if layer is None:
+        return None
+    where = f"{marks}:{tag}"
+    try:
+        row = json.loads(marks.read_blob(layer))
+        mark = Retired(**row)
+    except (ValueError, TypeError) as error:
+        raise PipelineError(f"{where}: not a retention mark ({type(error).__name__}: {error})") from None
+    if mark.tag != tag:
+        raise PipelineError(f"{where}: the mark is about {mark.tag!r}")
+    return mark

@@ -11,7 +11,8 @@
 3. else DVC has it at the git revision `<tag>` (a git tag or commit): models/release/Modelfile, its GGUF,
    the gate verdict and cases are read with DVC (from the remote if needed), the model is created and the
    tag pushed.
-Refused before anything changes: an unknown tag; a registry tag without the release note deploy keeps
+Refused before anything changes: an unknown tag; a tag retention removed (`<model>-retired:<tag>`
+says when and why); a registry tag without the release note deploy keeps
 (`<model>-releases:<tag>`: a passed gate verdict and the gate cases); a tag only some host has (its
 origin cannot be verified). A host copy whose manifest is not the registry's is rebuilt from the registry.
 Then the served check of deploy runs on every host with the version's own verdict and cases, and `latest`
@@ -56,6 +57,7 @@ from pipeline.release import (
     push_and_verify,
     read_records,
     read_release_note,
+    read_retired,
     release_notes,
     resolve_settings,
     served_check,
@@ -211,6 +213,12 @@ def rollback(tag: str, settings: Settings, workdir: Path, rules: GateParams) -> 
                 paths[client.url] = PATHS[1]
     else:
         lacking = clients
+        retired = read_retired(registry, tag)
+        if retired is not None:
+            raise PipelineError(
+                f"{registry}: {tag} was removed by retention on {retired.when} ({retired.why}): it cannot be rolled "
+                "back to. Deploy its commit again to bring it back. Nothing was changed"
+            )
         holders = [str(client) for client in clients if held[client.url] is not None]
         if holders:
             raise PipelineError(

@@ -6,6 +6,9 @@
   0.30 the engine needs a CMake build that fetches llama.cpp). `-ldflags -X ...version.Version` makes it
   report its version (a plain `go install` says 0.0.0, which deploy refuses). First build here: 4m45s
   on 2 cores; a rebuild with a warm cache (only the link): 10s.
+- Other releases for the deploy and rollback tests: OLLAMA_TEST_VERSIONS (e.g. 0.17.4, whose module zip lacks
+  llama.cpp's vendored headers: they are laid over its source from the tag, sha256-pinned; README "Ollama
+  versions" has what runs and what does not).
 - The registry: Debian's `docker-registry` (distribution 2.8, what `registry:2` runs), apt-installed if
   missing, started on 127.0.0.1 with a temporary storage directory and no auth.
 - FaultProxy: a small HTTP proxy in front of either, forwarding byte for byte (the `Host` header too, so the
@@ -58,6 +61,8 @@ def go_bin_dir() -> Path:
 # Another Go toolchain builds another binary: add its digest here after building it once from the source.
 OLLAMA_SHA256 = {
     "f873457dc88b59ebc969f8274d1157663ec52e233a95cbd0c1305ce763eeba60",  # v0.11.4, go1.26.8 linux/amd64
+    # v0.17.4 with its vendored headers, built with -trimpath, go1.26.8 linux/amd64
+    "51dd9e7215a0723efe64dfae7d2ef653df6fe482ad5f662e1b4b93c62f2edd96",
 }
 
 
@@ -68,10 +73,63 @@ def trusted_ollama(binary: Path, pinned: set[str] = OLLAMA_SHA256) -> bool:
     return binary.is_file() and hashlib.sha256(binary.read_bytes()).hexdigest() in pinned
 
 
-def ensure_ollama() -> Path:
-    """The `ollama` binary of OLLAMA_VERSION, built from the Go module proxy if missing or not pinned (minutes
+# The releases the deploy and rollback tests run against (README "Ollama versions"): OLLAMA_VERSION, which
+# every other test uses, and those OLLAMA_TEST_VERSIONS adds (comma-separated; buildable: 0.17.4, which
+# builds here but whose served check refuses the tiny test model, README "Ollama versions").
+OLLAMA_VERSIONS = tuple(
+    dict.fromkeys([OLLAMA_VERSION, *filter(None, os.environ.get("OLLAMA_TEST_VERSIONS", "").split(","))])
+)
+TOOL_CACHE = Path(os.environ.get("LLM_GITOPS_CACHE", Path.home() / ".cache" / "llm-gitops"))
+# Files a release's build needs that its module zip lacks: Go leaves every `vendor/` directory out of module
+# zips, and llama.cpp keeps headers (nlohmann/json, stb_image, miniaudio) in llama/llama.cpp/vendor/. Taken
+# from the release's git tree at its tag, checked by sha256, kept in the tool cache (ollama-vendor/<version>/),
+# and laid over the module's source (checked by Go's checksum database) before `go build`.
+VENDORED = "llama/llama.cpp/vendor/"
+VENDORED_HEADERS = {
+    "0.17.4": {
+        VENDORED + "miniaudio/miniaudio.h": "05b75871465913f1e3f5b05f0dcca1d487f3099e653477e071acc40317e68f38",
+        VENDORED + "nlohmann/json.hpp": "aaf127c04cb31c406e5b04a63f1ae89369fccde6d8fa7cdda1ed4f32dfc5de63",
+        VENDORED + "nlohmann/json_fwd.hpp": "fb6aa70cbece087f37ab4685c182b287c53be54f785f981b9db9d30d2d028b37",
+        VENDORED + "stb/stb_image.h": "594c2fe35d49488b4382dbfaec8f98366defca819d916ac95becf3e75f4200b3",
+    },
+}
+
+
+def _sha256_file(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def vendored_header(version: str, path: str, sha256: str) -> Path:
+    """A header of `version`'s git tree from the tool cache, else downloaded from the tag; sha256-checked."""
+    cached = TOOL_CACHE / "ollama-vendor" / version / path
+    if cached.is_file() and _sha256_file(cached) == sha256:
+        return cached
+    url = f"https://raw.githubusercontent.com/ollama/ollama/v{version}/{path}"
+    try:
+        response = requests.get(url, timeout=60)
+        response.raise_for_status()
+    except requests.RequestException as error:
+        pytest.skip(
+            f"Ollama {version} needs {path} from its git tag, which its module zip lacks: not in the tool cache and "
+            f"not downloadable here ({type(error).__name__}); put the file of tag v{version} at {cached}"
+        )
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    cached.write_bytes(response.content)
+    if _sha256_file(cached) != sha256:
+        cached.unlink()
+        pytest.fail(f"{url}: sha256 is not the pinned {sha256}")
+    return cached
+
+
+def ensure_ollama(version: str = OLLAMA_VERSION) -> Path:
+    """The `ollama` binary of `version`, built from the Go module proxy if missing or not pinned (minutes
     the first time; with Go's build cache, seconds). A binary built here from the module (checked by Go's
-    checksum database) is trusted; one found in the cache only if its sha256 is pinned."""
+    checksum database) is trusted; one found in the cache only if its sha256 is pinned. A release listed in
+    VENDORED_HEADERS is built from a copy of its module source with those headers laid over it."""
+    if version in VENDORED_HEADERS:
+        return _build_with_headers(version)
     binary = go_bin_dir() / "ollama"
     if trusted_ollama(binary):
         return binary
@@ -79,14 +137,44 @@ def ensure_ollama() -> Path:
         "go",
         "install",
         "-ldflags",
-        f"-X {OLLAMA_MODULE}/version.Version={OLLAMA_VERSION}",
-        f"{OLLAMA_MODULE}@v{OLLAMA_VERSION}",
+        f"-X {OLLAMA_MODULE}/version.Version={version}",
+        f"{OLLAMA_MODULE}@v{version}",
     ]
+    _go(command, version, None)
+    return binary
+
+
+def _go(command: list[str], version: str, cwd: Path | None) -> None:
     start = time.monotonic()
-    build = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "CGO_ENABLED": "1"})
+    build = subprocess.run(command, capture_output=True, text=True, cwd=cwd, env={**os.environ, "CGO_ENABLED": "1"})
     if build.returncode != 0:
-        pytest.fail(f"building Ollama {OLLAMA_VERSION} failed:\n{build.stderr[-3000:]}")
-    print(f"built Ollama {OLLAMA_VERSION} in {time.monotonic() - start:.0f}s")
+        pytest.fail(f"building Ollama {version} failed:\n{build.stderr[-3000:]}")
+    print(f"built Ollama {version} in {time.monotonic() - start:.0f}s")
+
+
+def _build_with_headers(version: str) -> Path:
+    import json
+
+    home = TOOL_CACHE / f"ollama-{version}"
+    binary = home / "ollama"
+    if trusted_ollama(binary):
+        return binary
+    headers = {path: vendored_header(version, path, sha) for path, sha in VENDORED_HEADERS[version].items()}
+    download = subprocess.run(
+        ["go", "mod", "download", "-json", f"{OLLAMA_MODULE}@v{version}"], capture_output=True, text=True
+    )
+    if download.returncode != 0:
+        pytest.fail(f"go mod download of Ollama {version} failed:\n{download.stdout[-2000:]}{download.stderr[-2000:]}")
+    source = home / "src"
+    shutil.rmtree(source, ignore_errors=True)
+    shutil.copytree(json.loads(download.stdout)["Dir"], source)
+    for path, header in headers.items():
+        (source / path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(header, source / path)
+    for path in source.rglob("*"):  # the module cache is read-only; go build writes nothing there, but rmtree must
+        path.chmod(path.stat().st_mode | 0o200)
+    ldflags = f"-X {OLLAMA_MODULE}/version.Version={version}"
+    _go(["go", "build", "-trimpath", "-ldflags", ldflags, "-o", str(binary), "."], version, source)
     return binary
 
 
@@ -199,15 +287,22 @@ class OllamaServer(Server):
 class RegistryServer(Server):
     name = "registry"
 
-    def __init__(self, binary: Path, workdir: Path):
+    def __init__(self, binary: Path, workdir: Path, delete: bool = True):
         super().__init__(binary, workdir)
         self.storage = workdir / "storage"
         self.config = workdir / "config.yml"
+        # deletes enabled, as retention needs (the doctor's test runs one without)
         self.config.write_text(
             "version: 0.1\nlog:\n  level: warn\n"
-            f"storage:\n  filesystem:\n    rootdirectory: {self.storage}\n  delete:\n    enabled: true\n"
+            f"storage:\n  filesystem:\n    rootdirectory: {self.storage}\n"
+            f"  delete:\n    enabled: {'true' if delete else 'false'}\n"
             f"http:\n  addr: {self.address}\n"
         )
+        self.read_only = False  # restarted with storage.maintenance.readonly (as for garbage-collect)
+
+    def env(self) -> dict[str, str]:
+        readonly = {"REGISTRY_STORAGE_MAINTENANCE_READONLY": '{"enabled":true}'} if self.read_only else {}
+        return {**super().env(), **readonly}
 
     def command(self) -> list[str]:
         return [str(self.binary), "serve", str(self.config)]
@@ -435,6 +530,12 @@ class Stack:
 @pytest.fixture(scope="session")
 def ollama_binary() -> Path:
     return ensure_ollama()
+
+
+@pytest.fixture(scope="module", name="ollama_binary", params=OLLAMA_VERSIONS, ids=lambda v: f"ollama-{v}")
+def each_ollama(request) -> Path:
+    """Imported by a test module, its tests run against every release in OLLAMA_VERSIONS (module by module)."""
+    return ensure_ollama(request.param)
 
 
 @pytest.fixture(scope="session")

@@ -26,7 +26,13 @@ from pipeline.model_names import Repository
 from pipeline.params import DeployParams, GateParams
 from pipeline.release import Settings, resolve_settings
 from tests.conftest import ROOT
-from tests.servers import CHATML_TEMPLATE, Fault, OllamaServer, write_release
+from tests.servers import (
+    CHATML_TEMPLATE,
+    Fault,
+    OllamaServer,
+    each_ollama,  # noqa: F401  (these tests run against every release in OLLAMA_VERSIONS)
+    write_release,
+)
 
 MANIFEST_V2 = "application/vnd.docker.distribution.manifest.v2+json"
 SHA1, GIT_TAG, SHA2 = "1a2b3c4", "model-v1", "5d6e7f8"
@@ -221,7 +227,8 @@ def test_names_are_checked_before_anything_is_sent(stack, releases, records, nam
 def test_an_ollama_older_than_the_json_create_api_is_refused(stack, releases, records):
     stack.ollama_proxy.add(Fault("GET", "^/api/version", "rewrite", rewrite=lambda _: b'{"version":"0.5.4"}'))
 
-    with pytest.raises(PipelineError, match=r"runs Ollama 0\.5\.4, older than 0\.5\.5, the first with the JSON"):
+    supported = r"0\.5\.5 and later \(tested: 0\.11\.4\)"
+    with pytest.raises(PipelineError, match=rf"runs Ollama 0\.5\.4, below the supported range {supported}: 0\.5\.5 is"):
         deploy(load(releases["v1"]), ["old-ollama"], settings_for(stack, records), GateParams())
     assert stack.ollama_proxy.count("POST", "") == 0
 

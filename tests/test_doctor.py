@@ -1,10 +1,11 @@
 """The runner doctor on this machine (no GPU here): every check reports PASS/FAIL/SKIP with a fix, none crashes.
 
-Ollama and a Docker registry cannot run here: the doctor talks to local doubles that answer as their APIs
-are documented (Ollama `GET /api/version` -> {"version": ...}; Docker Registry HTTP API v2 `GET /v2/` -> 200
-with `Docker-Distribution-API-Version: registry/2.0`, or 401 with `WWW-Authenticate` when it wants a login).
-GitLab's runner settings come from tests/gitlab_api_double.py, which follows GitLab's Runners and Resource
-group API documentation.
+Most checks talk to local doubles that answer as the services' APIs are documented (Ollama
+`GET /api/version` -> {"version": ...}; Docker Registry HTTP API v2 `GET /v2/` -> 200 with
+`Docker-Distribution-API-Version: registry/2.0`, or 401 with `WWW-Authenticate` when it wants a login).
+Whether the registry allows deletes (retention's need) is checked against the real Debian docker-registry,
+with deletes on and off. GitLab's runner settings come from tests/gitlab_api_double.py, which follows
+GitLab's Runners and Resource group API documentation.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import yaml
 from gitlab_api_double import GitLabRigDouble, GitLabState, RigSettings, runner_details
 
 from pipeline import doctor
+from tests.servers import RegistryServer
 
 ROOT = Path(__file__).resolve().parent.parent
 STATUS_LINE = r"^(PASS|FAIL|SKIP) [a-z-]+: .+"
@@ -46,6 +48,8 @@ class Double:
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
+
+            do_DELETE = do_GET  # unknown paths: 404, as a registry with deletes enabled answers an unknown manifest
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
@@ -316,3 +320,27 @@ def test_the_doctor_checks_the_tags_and_resource_groups_that_gitlab_ci_yml_uses(
     assert ci[".rig"]["tags"] == [doctor.PROTECTED_TAG] and ci[".candidate"]["tags"] == [doctor.CANDIDATE_TAG]
     groups = {job["resource_group"] for job in ci.values() if isinstance(job, dict) and "resource_group" in job}
     assert groups == set(doctor.RESOURCE_GROUPS)
+
+
+@pytest.mark.parametrize("delete", [True, False], ids=["deletes-enabled", "deletes-disabled"])
+def test_the_registry_check_says_whether_retention_can_delete(dvc_project, registry_binary, tmp_path, delete):
+    """Against Debian's docker-registry (distribution 2.8): with `storage.delete.enabled: false` a DELETE of
+    a manifest answers 405 UNSUPPORTED, and the doctor says how to turn deletes on."""
+    registry = RegistryServer(registry_binary, tmp_path / "registry", delete=delete)
+    registry.start()
+    try:
+        result = run_doctor(dvc_project, {"DEPLOY_REGISTRY": registry.address}, "--only", "registry")
+    finally:
+        registry.stop()
+
+    answers = f"http://{registry.address}/v2/ answers (Docker registry API v2, no authentication)"
+    if delete:
+        assert result.returncode == 0
+        assert f"PASS registry: {answers}; deletes enabled" in result.stdout
+    else:
+        assert result.returncode == 1
+        assert f"FAIL registry: {answers}, but refuses deletes (HTTP 405)" in result.stdout
+        assert "fix: the registry has deletes disabled; enable them with `storage: delete: enabled: true`" in (
+            result.stdout
+        )
+        assert "REGISTRY_STORAGE_DELETE_ENABLED=true" in result.stdout

@@ -11,12 +11,14 @@ CI_MERGE_REQUEST_*, CI_COMMIT_TAG). It ignores `tags`, `resource_group` and `tim
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -59,6 +61,7 @@ NEVER_IN_MR = {
     "deploy": "never",
     "deploy-tag": "never",
     "rollback": "never",
+    "retention": "never",
 }
 CHECKS = {"lint": "on_success", "tests": "on_success", "validate-data": "on_success"}
 NO_CANDIDATE = {"train-candidate": "never", "candidate-report": "never"}
@@ -256,6 +259,7 @@ def test_default_branch_push_checks_retrains_deploys_and_offers_a_manual_rollbac
         "deploy": "on_success",
         "deploy-tag": "never",
         "rollback": "manual",
+        "retention": "never",  # scheduled pipelines only
         **SWEEPS,
     }
 
@@ -269,6 +273,25 @@ def test_model_tag_pipeline_deploys_that_tag_only(gitlab_ci_local, project):
     }
     other_tag = {**tag, "CI_COMMIT_TAG": "v1.0", "CI_COMMIT_REF_NAME": "v1.0"}
     assert set(jobs(gitlab_ci_local, project, "main", other_tag, unset=("CI_COMMIT_BRANCH",)).values()) == {"never"}
+
+
+SCHEDULE = {"CI_PIPELINE_SOURCE": "schedule", "CI_PROJECT_ID": PROJECT_ID}
+
+
+def test_a_scheduled_pipeline_runs_retention_alone(gitlab_ci_local, project):
+    """A schedule on the default branch (CI/CD > Schedules) would otherwise start every default-branch job."""
+    listed = jobs(gitlab_ci_local, project, "main", SCHEDULE)
+    assert {job: when for job, when in listed.items() if when != "never"} == {"retention": "on_success"}
+
+
+def test_the_retention_job_runs_on_the_protected_runner_with_the_deploy_variables_and_keeps_its_plan():
+    ci = yaml.safe_load((ROOT / ".gitlab-ci.yml").read_text())
+    job = resolved(ci, "retention")
+    assert job["tags"] == ["gpu"]
+    assert job["rules"] == [{"if": '$CI_PIPELINE_SOURCE == "schedule"'}]
+    assert job["environment"] == {"name": "production", "action": "access"}  # scoped variables, no deployment
+    assert job["resource_group"] == "production"  # never while deploy or rollback moves latest
+    assert job["artifacts"]["paths"] == ["retention/"] and job["artifacts"]["when"] == "always"
 
 
 def test_branch_pushes_start_no_pipeline_of_their_own(gitlab_ci_local, project):
@@ -365,14 +388,38 @@ def test_every_needed_job_exists_in_its_pipeline(gitlab_ci_local, project, branc
 
 # --- jobs that really run (shell executor, this machine) ---
 
-ROLLBACK_RECORDER = '''"""Test double of `python -m pipeline.rollback` (deploy branch): records its arguments."""
+RECORDER = '''"""Test double of `python -m pipeline.NAME`: records its arguments."""
 
 import json
 import sys
 
-with open("rollback-calls.jsonl", "a") as calls:
+with open("NAME-calls.jsonl", "a") as calls:
     calls.write(json.dumps(sys.argv[1:]) + "\\n")
 '''
+
+
+@contextlib.contextmanager
+def recorded(project: Path, name: str) -> Iterator[Callable[[], list[list[str]]]]:
+    """pipeline/<name>.py replaced, in the scratch copy, by a recorder (the job's wiring is under test); yields
+    `calls()`: the argument lists recorded since the last call."""
+    recorder = project / "pipeline" / f"{name}.py"
+    original = recorder.read_text() if recorder.is_file() else None
+    log = project / f"{name}-calls.jsonl"
+    recorder.write_text(RECORDER.replace("NAME", name))
+
+    def calls() -> list[list[str]]:
+        found = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
+        log.unlink(missing_ok=True)
+        return found
+
+    try:
+        yield calls
+    finally:
+        log.unlink(missing_ok=True)
+        if original is None:
+            recorder.unlink()
+        else:
+            recorder.write_text(original)
 
 
 @pytest.fixture
@@ -386,11 +433,7 @@ def venv_for_jobs() -> Path:
 def test_manual_rollback_job_lists_then_rolls_back_to_the_given_tag(gitlab_ci_local, project, venv_for_jobs):
     """pipeline/rollback.py is replaced, in the scratch copy, by a recorder: the job's wiring is under test."""
     git(project, "checkout", "-q", "main")
-    recorder = project / "pipeline" / "rollback.py"
-    original = recorder.read_text() if recorder.is_file() else None
-    calls = project / "rollback-calls.jsonl"
-    recorder.write_text(ROLLBACK_RECORDER)
-    try:
+    with recorded(project, "rollback") as calls:
         variables = {"VENV": str(venv_for_jobs), "CI_PROJECT_ID": PROJECT_ID}
         ran = gcl(
             gitlab_ci_local,
@@ -401,18 +444,28 @@ def test_manual_rollback_job_lists_then_rolls_back_to_the_given_tag(gitlab_ci_lo
             variables={**variables, "ROLLBACK_TO": "model-v2"},
         )
         assert ran.returncode == 0, ran.stdout[-3000:]
-        assert [json.loads(line) for line in calls.read_text().splitlines()] == [["--list"], ["--to", "model-v2"]]
+        assert calls() == [["--list"], ["--to", "model-v2"]]
 
-        calls.unlink()
         refused = gcl(gitlab_ci_local, project, "--manual", "rollback", "rollback", variables=variables)
         assert "set ROLLBACK_TO=<tag>" in refused.stdout
-        assert [json.loads(line) for line in calls.read_text().splitlines()] == [["--list"]]
-    finally:
-        calls.unlink(missing_ok=True)
-        if original is None:
-            recorder.unlink()
-        else:
-            recorder.write_text(original)
+        assert calls() == [["--list"]]
+
+
+def test_the_retention_job_is_a_dry_run_unless_retention_apply_is_true(gitlab_ci_local, project, venv_for_jobs):
+    """pipeline/retention.py is replaced, in the scratch copy, by a recorder: the job's wiring is under test."""
+    git(project, "checkout", "-q", "main")
+    hosts = ["hosts", "--plan-out", "retention/hosts-plan.json"]
+    registry = ["registry", "--plan-out", "retention/registry-plan.json"]
+    with recorded(project, "retention") as calls:
+        variables = {**SCHEDULE, "VENV": str(venv_for_jobs)}
+        dry = gcl(gitlab_ci_local, project, "retention", variables=variables)
+        assert dry.returncode == 0, dry.stdout[-3000:]
+        assert "dry run (RETENTION_APPLY is not true)" in dry.stdout
+        assert calls() == [hosts, registry]
+
+        applied = gcl(gitlab_ci_local, project, "retention", variables={**variables, "RETENTION_APPLY": "true"})
+        assert applied.returncode == 0, applied.stdout[-3000:]
+        assert calls() == [[hosts[0], "--apply", *hosts[1:]], [registry[0], "--apply", *registry[1:]]]
 
 
 def test_the_manual_sweep_fanout_job_writes_the_child_pipeline_and_refuses_without_a_push_token(
@@ -474,7 +527,7 @@ def test_merge_request_cpu_jobs_run_and_post_the_report_note(gitlab_ci_local, pr
 
 # --- the trust boundary, read from the file GitLab reads (gitlab-ci-local ignores tags and environments) ---
 
-PROTECTED_ONLY = ("retrain", "commit-lock", "deploy", "deploy-tag", "rollback", "sweep", "sweep-fanout")
+PROTECTED_ONLY = ("retrain", "commit-lock", "deploy", "deploy-tag", "rollback", "retention", "sweep", "sweep-fanout")
 PUSH_TOKEN_USES = ("GITLAB_PUSH_TOKEN", ".ci/push-auth", ".ci/commit-lock")
 
 

@@ -20,7 +20,11 @@ from pipeline.deploy import deploy, load_release
 from pipeline.params import GateParams
 from pipeline.rollback import rollback
 from tests.conftest import ROOT
-from tests.servers import Fault, OllamaServer
+from tests.servers import (
+    Fault,
+    OllamaServer,
+    each_ollama,  # noqa: F401  (these tests run against every release in OLLAMA_VERSIONS)
+)
 from tests.test_deploy import MANIFEST_V2, ollama_models, registry_manifest, registry_tags, settings_for
 
 SHA1, SHA2, DVC_TAG = "aaaa111", "bbbb222", "model-v9"
