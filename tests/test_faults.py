@@ -184,6 +184,7 @@ def workstation(stack, releases, records, ollama_binary, tmp_path, live):
     deploy(load_release(files.modelfile, files.verdict, files.cases), ["v1-both"],
            settings_for(stack, records, hosts=hosts), GateParams())  # fmt: skip
     proxy.clear()
+    stack.clear_faults()  # the requests the test counts are those of its own deploy, not of this set-up
     try:
         yield server, proxy, hosts
     finally:
