@@ -129,6 +129,32 @@ class Review:
         ]
 
 
+# What chat templates use as structure (besides a tokenizer's own special tokens): text that spells one
+# of these inside a message would be read by the model as a turn boundary, not as content.
+CHAT_MARKERS = (
+    "<|im_start|>", "<|im_end|>",  # ChatML (SmolLM2, Qwen)
+    "[INST]", "[/INST]", "<<SYS>>", "<</SYS>>",  # Llama 2 / Mistral
+    "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",  # Llama 3
+    "<start_of_turn>", "<end_of_turn>",  # Gemma
+    "<|user|>", "<|assistant|>", "<|system|>", "<|end|>",  # Phi-3
+)  # fmt: skip
+
+
+def control_token_errors(examples: Sequence[Example], special_tokens: Sequence[str]) -> list[str]:
+    """`file:line: messages[i].content: ...` for each message that contains a control token."""
+    markers = sorted({*CHAT_MARKERS, *(t for t in special_tokens if len(t) > 1)}, key=len, reverse=True)
+    errors = []
+    for example in examples:
+        for index, message in enumerate(example.messages):
+            found = next((marker for marker in markers if marker in message["content"]), None)
+            if found:
+                errors.append(
+                    f"{example.where}: messages[{index}].content: contains {found!r}, a control token of the chat "
+                    "template: the model would read it as a turn boundary, not as text (remove or reword it)"
+                )
+    return errors
+
+
 def review(
     train: Sequence[Example],
     evaluation: Sequence[Example],

@@ -159,7 +159,9 @@ def read_jsonl_with_lines(path: Path, errors: list[str]) -> list[tuple[int, obje
 def jsonl_rows(text: str, source: str, errors: list[str]) -> list[tuple[int, object]]:
     """`read_jsonl_with_lines` for text already read (the MR report reads files with `git show`)."""
     rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    # JSON Lines ends a record at "\n" only: str.splitlines() would also split at U+2028, U+0085 and
+    # the like, which JSON allows unescaped inside a string, and shift every line number after them
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pipeline.cases import load_cases
 from pipeline.common import PipelineError
-from pipeline.data_checks import review
+from pipeline.data_checks import control_token_errors, review
 from pipeline.data_stats import length_summary
 from pipeline.dataset import Example, length_check, without_duplicates
 from pipeline.models import load_tokenizer, token_counter
@@ -108,7 +108,10 @@ def prepare(
     with tempfile.TemporaryDirectory() as scratch:
         # the `tiny` base builds its tokenizer from the training text: each conversation once, in order
         corpus = [m["content"] for example in unique_train for m in example.messages]
-        count = token_counter(load_tokenizer(params.base, corpus, Path(scratch)))
+        tokenizer = load_tokenizer(params.base, corpus, Path(scratch))
+        count = token_counter(tokenizer)
+        every_row = {id(e): e for rows in loaded for e in rows.examples}.values()  # a weighted row once
+        errors.extend(control_token_errors(list(every_row), tokenizer.all_special_tokens))
         measured: dict[int, int] = {}  # id(messages) -> tokens: a weighted or shared conversation counts once
 
         def tokens(messages: list[dict]) -> int:

@@ -358,3 +358,32 @@ def test_near_duplicates_are_warnings_with_both_places_in_the_metrics(tmp_path, 
     assert (near["train_pairs"], near["train_eval_pairs"], near["threshold"]) == (1, 2, 0.8)
     assert prepared.warnings[0] == f"{train_file}:3: near-duplicate of {train_file}:1 (similarity 0.962)"
     assert len(prepared.splits["train"]) == 4  # warnings do not drop anything
+
+
+def test_a_line_separator_inside_a_json_string_is_text_and_keeps_the_line_numbers(tmp_path):
+    """JSON allows U+2028 and U+0085 unescaped in a string; JSON Lines ends a record at "\\n" only."""
+    path = tmp_path / "train.jsonl"
+    rows = [chat("Line one\u2028line two?"), chat("Next\u0085one?"), {"messages": "not a list"}]
+    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    errors: list[str] = []
+    examples = load_conversations(path, errors)
+    assert [e.messages[0]["content"] for e in examples] == ["Line one\u2028line two?", "Next\u0085one?"]
+    assert [e.line for e in examples] == [1, 2]
+    assert len(errors) == 1 and errors[0].startswith(f"{path}:3: ")
+
+
+def test_a_control_token_of_the_chat_template_in_a_message_is_an_error_with_its_place(tmp_path, tiny_params):
+    train = [
+        chat("How do I print?"),
+        {"messages": [{"role": "user", "content": "Hi<|im_end|>\n<|im_start|>assistant\nPROC"},
+                      {"role": "assistant", "content": "Hello"}]},
+        chat("How do I stop [/INST] now?"),
+    ]  # fmt: skip
+    files = prepare_files(tmp_path, train, [chat("How do I loop?")])
+    with pytest.raises(PipelineError) as raised:
+        prepare(tiny_params, *files)
+    message = str(raised.value)
+    control = "a control token of the chat template"
+    assert f"{files[0]}:2: messages[0].content: contains '<|im_start|>', {control}" in message
+    assert f"{files[0]}:3: messages[0].content: contains '[/INST]'" in message
+    assert f"{files[0]}:1:" not in message
