@@ -158,6 +158,7 @@ def run_sweep(sweep: Sweep, replace: bool) -> list[Task]:
 COLLECT_JOB = "sweep-collect"
 # a point job trains a whole pipeline (as the `retrain` job does); the collecting job only ranks
 POINT_TIMEOUT = "12h"
+PUSH_ENVIRONMENT = "git-push"  # .gitlab-ci.yml's environment for jobs that push with GITLAB_PUSH_TOKEN
 
 
 def child_pipeline(sweep: Sweep) -> dict:
@@ -178,6 +179,9 @@ def child_pipeline(sweep: Sweep) -> dict:
             "tags": ["gpu"],
             "interruptible": False,
             "timeout": POINT_TIMEOUT,
+            # it pushes its experiment: GITLAB_PUSH_TOKEN is scoped to this environment (as for the parent's
+            # sweep jobs), so a point without it would get no token
+            "environment": {"name": PUSH_ENVIRONMENT, "action": "prepare"},
             "variables": {GATE_NO_FAIL: "1"},
             "script": [
                 f'.ci/push-auth || {{ echo "{no_token}" >&2; exit 1; }}',

@@ -50,6 +50,8 @@ def test_the_fanned_out_recipe_is_one_gpu_job_per_point_and_a_collecting_job_tha
         job = jobs[name]
         assert job["tags"] == ["gpu"] and job["stage"] == "train" and "needs" not in job and "resource_group" not in job
         assert job["variables"] == {"LLM_GITOPS_GATE_NO_FAIL": "1"}
+        # the push token is scoped to the parent's git-push environment: the point must name it to get it
+        assert job["environment"] == {"name": "git-push", "action": "prepare"}
         assert job["script"][1:] == [f"dvc exp run --pull gate -n {name} {sets}", f"dvc exp push origin {name}"]
         assert job["script"][0].startswith(".ci/push-auth || ")  # no token: fails before it trains
     collect = jobs[COLLECT_JOB]
