@@ -276,6 +276,23 @@ def dvc_repository(releases, tmp_path) -> Path:
     return repo
 
 
+def test_the_dvc_remote_missing_during_a_rollback_from_dvc_leaves_the_current_version_live(
+    stack, deployed, records, dvc_repository, monkeypatch, tmp_path
+):
+    """The tag is only in git and DVC, and the NAS share is gone: one error, nothing moves."""
+    monkeypatch.chdir(dvc_repository)
+    assert DVC_TAG not in registry_tags(stack, REPO)  # runs before the rollback from DVC puts it there
+    shutil.rmtree(tmp_path / "remote")
+    before = live_state(stack)
+
+    with pytest.raises(PipelineError, match=DVC_TAG) as raised:
+        rollback(DVC_TAG, settings_for(stack, records), tmp_path / "work", GateParams())
+
+    assert "Traceback" not in str(raised.value)
+    assert live_state(stack) == before
+    assert DVC_TAG not in registry_tags(stack, REPO)
+
+
 def test_rollback_from_dvc_at_the_git_tag_when_no_host_or_registry_has_it(
     stack, deployed, releases, records, dvc_repository, monkeypatch, tmp_path
 ):
