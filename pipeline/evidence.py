@@ -83,7 +83,9 @@ def probe_input(probe: BaseAnswer) -> str:
     return _digest({"prompt": probe.prompt, "answer": probe.answer})
 
 
-def write_baseline(path: Path, measured: Measurement, cases: list[Case], probes: list[BaseAnswer], decoding: dict):
+def write_baseline(
+    path: Path, measured: Measurement, cases: list[Case], probes: list[BaseAnswer], decoding: dict
+) -> None:
     def case_row(case: Case) -> dict:
         return {"input": case_input(case), "answer": measured.answers[case.id], "nll": measured.nll.get(case.id)}
 
