@@ -520,7 +520,13 @@ def test_merge_request_cpu_jobs_run_and_post_the_report_note(gitlab_ci_local, pr
     assert "| added | 57 | How do I make the Psion beep in OPL? |" in note
     assert "Lengths are **tokens** of `tiny` after its chat template." in note
     assert "Inputs changed for: `prepare`, `base`." in note
-    assert note == MARKER + "\n" + (project / "reports" / "mr.md").read_text()
+    # the note is the report: the token-length histogram uploaded once, its link pointing at the upload
+    assert [upload["filename"] for upload in state.uploads] == ["mr-data-lengths.png"]
+    url = state.uploads[0]["url"]
+    marker, body = note.split("\n", 2)[1], note.split("\n", 2)[2]
+    assert marker.startswith("<!-- llm-gitops:uploads ") and url in marker
+    report = (project / "reports" / "mr.md").read_text()
+    assert "](mr-data-lengths.png)" in report and body == report.replace("](mr-data-lengths.png)", f"]({url})")
     prepared = json.loads((project / "metrics" / "data.json").read_text())
     assert prepared["train"]["conversations"] == 57
 
