@@ -357,7 +357,7 @@ def test_an_overtrained_smollm2_run_fails_the_keep_and_forgetting_rules_and_name
     France.", "Germany has a capital of Germany:"). Measured on this machine: 4 steps, keep 0.833 -> 0.167
     on 6 keep cases (France, days in a week, sky colour, Germany regressed; 2 + 2 kept); 3 steps, keep
     1.0 -> 0.75 on these 4 (sky colour regressed: "The sky on a clear day is a rare occurrence"), which
-    still fails keep_max_drop 0.125 but by one case. lr 1e-3 for 12 epochs keeps them (the lead's
+    still fails keep_max_drop 0.125 but by one case. lr 1e-3 for 12 epochs keeps them (docs/recipe.md's
     measurement, not repeated here). One GGUF (convert outtype q8_0, quantize.types [q8_0]) and 32 new
     tokens keep the test near 2-3 minutes."""
     errors: list[str] = []
