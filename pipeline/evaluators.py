@@ -192,12 +192,7 @@ class GGUFModel:
         """Run `tokens` through the model, keeping the KV cache (and logits) of the prefix the last call
         shared with them: the chat template's system preamble is the same in every prompt. Logits from
         position `first_needed` on are recomputed whatever the cache holds."""
-        cached = self.llm.input_ids[: self.llm.n_tokens].tolist()
-        shared = 0
-        for previous, token in zip(cached, tokens[:first_needed], strict=False):
-            if previous != token:
-                break
-            shared += 1
+        shared = self.llm.longest_token_prefix(self.llm.input_ids[: self.llm.n_tokens].tolist(), tokens[:first_needed])
         self.llm.n_tokens = shared  # eval() drops the cache beyond n_tokens
         self.llm.eval(tokens[shared:])
 

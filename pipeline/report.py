@@ -570,11 +570,15 @@ def main(argv: list[str] | None = None) -> None:
 
     cwd = Path.cwd()
     with tempfile.TemporaryDirectory() as scratch:
+        made: dict[tuple[str, ...], Counter] = {}
 
         def counter_factory(corpus: list[str]) -> Counter:
             if args.words:
                 return word_counter("--words was given")
-            return make_counter(args.params, corpus, Path(scratch))
+            # the dataset table and the length histogram count the same training text: one tokenizer load
+            if tuple(corpus) not in made:
+                made[tuple(corpus)] = make_counter(args.params, corpus, Path(scratch))
+            return made[tuple(corpus)]
 
         target = resolve_target(args.target_branch, cwd)
         pictures = pictures_of(cwd, target, EXTRA_PICTURES)
