@@ -51,6 +51,8 @@ REPORTS = Path("reports/sweep")
 POLL_S = 5.0
 UNFINISHED = ("Queued", "Running")
 TASK_LINE = re.compile(r"^(?P<task>[0-9a-f]{7,})\s+(?P<name>\S+)\s+.*\s(?P<status>\w+)$")
+WORKER_LINE = re.compile(r"^Worker status: (?P<active>\d+) active, (?P<idle>\d+) idle$", re.MULTILINE)
+WORKER_STOP_S = 120.0
 
 
 def dvc(*args: str, env: dict[str, str] | None = None, check: bool = True) -> str:
@@ -83,6 +85,23 @@ def queue_tasks() -> list[Task]:
         if match:
             tasks.append(Task(match["task"], match["name"], match["status"]))
     return tasks
+
+
+def queue_workers() -> int:
+    """How many queue workers are alive, busy or idle (`dvc queue status`'s last line)."""
+    match = WORKER_LINE.search(dvc("queue", "status"))
+    return int(match["active"]) + int(match["idle"]) if match else 0
+
+
+def stop_workers() -> None:
+    """Stop the queue's worker and wait until it is gone. DVC's worker lingers (10 s and more) after the
+    queue empties: an experiment someone queues meanwhile would be run silently, outside any sweep."""
+    dvc("queue", "stop")
+    deadline = time.monotonic() + WORKER_STOP_S
+    while queue_workers():
+        if time.monotonic() > deadline:
+            raise PipelineError(f"the experiment queue's worker did not stop within {WORKER_STOP_S:.0f} s")
+        time.sleep(1.0)
 
 
 def shown(rev: str = "HEAD") -> list[dict]:
@@ -151,6 +170,7 @@ def run_sweep(sweep: Sweep, replace: bool) -> list[Task]:
         if len(ours) >= len(names) and all(t.status not in UNFINISHED for t in ours):
             break
         time.sleep(POLL_S)
+    stop_workers()
     log.info("sweep %s: %d experiments in %s", sweep.name, len(names), _minutes(time.monotonic() - started))
     return ours
 

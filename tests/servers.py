@@ -56,11 +56,12 @@ def go_bin_dir() -> Path:
     return Path(gopath.split(os.pathsep)[0]) / "bin"
 
 
-# sha256 of the binaries the build below gives (Go's builds are reproducible for one toolchain): a cached
-# binary is run only if it is one of these, never because it prints the right version (any script can).
-# Another Go toolchain builds another binary: add its digest here after building it once from the source.
+# sha256 of the binaries the build below gives (Go's builds are reproducible for one toolchain, and with
+# -trimpath for any GOPATH): a cached binary is run only if it is one of these, never because it prints the
+# right version (any script can). Another Go toolchain builds another binary: add its digest here after
+# building it once from the source.
 OLLAMA_SHA256 = {
-    "f873457dc88b59ebc969f8274d1157663ec52e233a95cbd0c1305ce763eeba60",  # v0.11.4, go1.26.8 linux/amd64
+    "ed481198e0c199ed35d60ec56156715698d3143428bd06a2e1fee0d8a89a8ac2",  # v0.11.4, -trimpath, go1.26.8 linux/amd64
     # v0.17.4 with its vendored headers, built with -trimpath, go1.26.8 linux/amd64
     "51dd9e7215a0723efe64dfae7d2ef653df6fe482ad5f662e1b4b93c62f2edd96",
 }
@@ -136,6 +137,7 @@ def ensure_ollama(version: str = OLLAMA_VERSION) -> Path:
     command = [
         "go",
         "install",
+        "-trimpath",  # without it the binary holds GOPATH's paths, and each cache location builds another
         "-ldflags",
         f"-X {OLLAMA_MODULE}/version.Version={version}",
         f"{OLLAMA_MODULE}@v{version}",

@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -116,8 +117,13 @@ def test_the_ranking_is_deterministic_and_follows_the_gate_numbers(scratch, swep
 
 
 def test_a_leftover_queue_is_refused_not_run_silently(scratch, swept):
+    # the sweep stopped its worker: nothing picks up an experiment queued after it
+    assert "Worker status: 0 active, 0 idle" in ok(["dvc", "queue", "status"], scratch)
     ok(["dvc", "exp", "run", "--queue", "gate", "-n", "stray", "-S", "train.seed=7"], scratch)
     try:
+        time.sleep(3)
+        [stray] = [line for line in ok(["dvc", "queue", "status"], scratch).splitlines() if " stray " in line]
+        assert stray.endswith("Queued")
         refused = run([sys.executable, "-m", "pipeline.sweep", "run", "sweeps/tiny.yaml"], scratch)
         assert refused.returncode == 1
         assert "the experiment queue already holds 1 unfinished task(s) (stray)" in refused.stderr
