@@ -49,6 +49,9 @@ PRE_TOKENIZERS = {
 PRE_TOKENIZER_DEFINITIONS = {
     # NFC, Qwen's regex split (Isolated), ByteLevel without prefix space: Qwen2/2.5/3 (transformers' Qwen2Tokenizer)
     "f64ce79efdd97727e8943eeb2749e209c6559130bb7d7faf0497f2362ea6f884": "qwen2",
+    # no normalizer, Llama-3's regex split (Isolated), ByteLevel without prefix space: Llama-3/3.1/3.2 as Meta's
+    # conversion writes them (transformers' TikTokenConverter)
+    "0b203869fced33203d17c133c3b3bb0e54e41e8ef4730e07ea9ade11879b840e": "llama-bpe",
 }
 
 # Added tokens that upstream marks CONTROL even when the tokenizer does not call them special.
@@ -215,9 +218,13 @@ def special_vocab(model_dir: Path, n_vocab: int | None, load_merges: bool):
 
     special = gguf.SpecialVocab(model_dir, load_merges=load_merges, n_vocab=n_vocab)
     post = _read_json(model_dir / "tokenizer.json").get("post_processor") or {}
-    if any(step.get("type") == "ByteLevel" for step in post.get("processors", [post])):
-        special.add_special_token.setdefault("bos", False)
-        special.add_special_token.setdefault("eos", False)
+    steps = [step.get("type") for step in post.get("processors", [post])]
+    if "ByteLevel" in steps:
+        flags = special.add_special_token
+        flags.setdefault("bos", False)
+        flags.setdefault("eos", False)
+        if steps[0] == "ByteLevel":  # upstream meets it first (Llama-3's Sequence): bos and eos are its first flags
+            special.add_special_token = {"bos": flags.pop("bos"), "eos": flags.pop("eos"), **flags}
     return special
 
 

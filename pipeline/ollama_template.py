@@ -84,6 +84,25 @@ LLAMA3_TEMPLATE = (
     "\n"
 )
 
+# Llama-3.1 instruct as Hugging Face ships it, without tools (a request with tools is not served by this
+# TEMPLATE): a system turn always, with the date header of its template (date_string's default, 26 Jul
+# 2024) and the conversation's first system message; every other message as Llama-3's turns.
+LLAMA31_DATE_HEADER = "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n"
+LLAMA31_TEMPLATE = (
+    "<|start_header_id|>system<|end_header_id|>\n"
+    "\n"
+    f"{LLAMA31_DATE_HEADER}"
+    '{{ range $i, $m := .Messages }}{{ if and (eq $i 0) (eq $m.Role "system") }}{{ $m.Content }}{{ end }}{{ end }}'
+    "<|eot_id|>\n"
+    "{{- range $i, $m := .Messages }}\n"
+    '{{- if not (and (eq $i 0) (eq $m.Role "system")) }}<|start_header_id|>{{ $m.Role }}<|end_header_id|>\n'
+    "\n"
+    "{{ $m.Content }}<|eot_id|>\n"
+    "{{- end }}\n"
+    "{{- end }}<|start_header_id|>assistant<|end_header_id|>\n"
+    "\n"
+)
+
 
 @dataclass(frozen=True)
 class _Row:
@@ -94,6 +113,8 @@ class _Row:
 
 
 CHATML_STOP = ("<|im_start|>", "<|im_end|>")
+# Ollama's for Llama-3 and 3.1 (<|eom_id|>, the end of an ipython turn, is end-of-generation in llama.cpp itself)
+LLAMA3_STOP = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
 # First matching row wins, so a specific variant comes before its general form. Stop lists are
 # Ollama's own (template/<name>.json).
 FAMILIES: tuple[_Row, ...] = (
@@ -111,8 +132,14 @@ FAMILIES: tuple[_Row, ...] = (
     ),
     _Row(
         ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
-        ChatFamily("llama3", LLAMA3_TEMPLATE, ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")),
+        ChatFamily("llama3", LLAMA3_TEMPLATE, LLAMA3_STOP),
         excludes=("Cutting Knowledge Date",),  # not Llama-3.1+'s: its date header is not rendered here
+    ),
+    _Row(
+        ("<|start_header_id|>", "<|eot_id|>", "Cutting Knowledge Date: December 2023", '"26 Jul 2024"'),
+        ChatFamily("llama3.1", LLAMA31_TEMPLATE, LLAMA3_STOP),
+        # not Llama-3.2's: it writes today's date (strftime_now), which no TEMPLATE can promise to match
+        excludes=("strftime_now",),
     ),
 )
 

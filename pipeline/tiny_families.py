@@ -2,7 +2,8 @@
 
 Like pipeline.tiny, but one row of FAMILIES per architecture: its transformers config, the special
 tokens and chat template its real checkpoints ship, and a tokenizer of the real kind trained on the
-given texts (byte-level BPE with Qwen's pre-tokenizer, through transformers' own Qwen2Tokenizer).
+given texts: byte-level BPE with Qwen's pre-tokenizer (through transformers' own Qwen2Tokenizer), or
+with Llama-3's (the tokenizer.json Meta's conversion writes: transformers' TikTokenConverter).
 No download: the vocabulary is learned here; the chat template is the one TRL stores for that family
 (identical to the checkpoints'). Weights are random from a fixed seed, with biases and norm weights
 drawn too (transformers initialises them to 0 and 1, which would hide a wrong layout).
@@ -31,10 +32,18 @@ class TinyFamily:
     specials: tuple[str, ...]  # added after the BPE vocabulary, in the checkpoints' order
     tokens: dict[str, str | None]  # bos / eos / pad / unk as the checkpoints' tokenizer_config.json names them
     chat_template: Callable[[], str]
+    tokenizer: str  # its kind: "qwen2" | "llama3" (TOKENIZERS)
+    config_bos: str  # the token config.json's bos_token_id names
 
 
 QWEN_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 QWEN_TOKENS = {"bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "unk_token": None}
+# Llama-3.1's first special tokens (ids 128000-128010 in the checkpoints), in its order
+LLAMA31_SPECIALS = (
+    "<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
+    "<|finetune_right_pad_id|>", "<|reserved_special_token_2|>", "<|start_header_id|>", "<|end_header_id|>",
+    "<|eom_id|>", "<|eot_id|>", "<|python_tag|>",
+)  # fmt: skip
 _QWEN_SIZES = {
     "hidden_size": 128,
     "intermediate_size": 256,
@@ -58,6 +67,8 @@ FAMILIES = {
         QWEN_SPECIALS,
         QWEN_TOKENS,
         trl_template("qwen2_5"),
+        "qwen2",
+        "<|endoftext|>",
     ),
     # Qwen3 dense: no biases, per-head RMSNorm of q and k, an explicit head_dim; its thinking template.
     "qwen3": TinyFamily(
@@ -66,6 +77,34 @@ FAMILIES = {
         (*QWEN_SPECIALS, "<think>", "</think>"),
         QWEN_TOKENS,
         trl_template("qwen3"),
+        "qwen2",
+        "<|endoftext|>",
+    ),
+    # Llama-3.1 (Instruct): GQA, untied output (as the 8B), the `llama3` rope scaling (a rope_freqs tensor in
+    # GGUF; original_max_position_embeddings small enough that some factors fall between 1 and `factor`),
+    # Meta's byte-level BPE with its first special tokens, the template with the date header.
+    "llama3": TinyFamily(
+        "llama3",
+        {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            **_QWEN_SIZES,
+            "rms_norm_eps": 1e-5,
+            "rope_theta": 500000.0,
+            "rope_scaling": {
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 256,
+            },
+            "tie_word_embeddings": False,
+        },
+        LLAMA31_SPECIALS,
+        {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "pad_token": None, "unk_token": None},
+        trl_template("llama3_1"),
+        "llama3",
+        "<|begin_of_text|>",
     ),
 }
 
@@ -76,18 +115,21 @@ def family(name: str) -> TinyFamily:
     return FAMILIES[name]
 
 
-def train_byte_level_bpe(texts: list[str], size: int) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """(vocab, merges) of a byte-level BPE with Qwen's pre-tokenizer, learned from `texts`."""
+def train_byte_level_bpe(
+    texts: list[str], size: int, split: str, nfc: bool
+) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """(vocab, merges) of a byte-level BPE learned from `texts`, pre-tokenized by the regex `split` (isolated),
+    after NFC normalisation where the family's tokenizer has it."""
     from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
-    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
     if not any(text.strip() for text in texts):
         raise PipelineError("tiny: no text to train its tokenizer on (the training data is empty)")
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.normalizer = normalizers.NFC()
+    if nfc:
+        tokenizer.normalizer = normalizers.NFC()
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [
-            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
+            pre_tokenizers.Split(Regex(split), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ]
     )
@@ -99,18 +141,55 @@ def train_byte_level_bpe(texts: list[str], size: int) -> tuple[dict[str, int], l
     return model["vocab"], [tuple(merge) for merge in model["merges"]]
 
 
+def qwen2_tokenizer(spec: TinyFamily, texts: list[str]):
+    """transformers' own Qwen2Tokenizer on a vocabulary learned with its pre-tokenizer."""
+    from tokenizers import AddedToken
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX, Qwen2Tokenizer
+
+    vocab, merges = train_byte_level_bpe(texts, VOCAB_SIZE - len(spec.specials), PRETOKENIZE_REGEX, nfc=True)
+    # the special tokens first, in the checkpoints' order (the class would add eos and pad before the rest)
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, **dict.fromkeys(spec.tokens))
+    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in spec.specials])
+    return tokenizer
+
+
+def llama3_tokenizer(spec: TinyFamily, texts: list[str]):
+    """Llama-3's tokenizer.json as Meta's conversion writes it (transformers' TikTokenConverter: its regex,
+    ByteLevel without prefix space, merges ignored for a word in the vocabulary), BOS added by the post-processor."""
+    from tokenizers import AddedToken, Tokenizer, models, processors
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    class Learned(TikTokenConverter):
+        def tokenizer(self):
+            vocab, merges = train_byte_level_bpe(texts, VOCAB_SIZE - len(spec.specials), self.pattern, nfc=False)
+            return Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, ignore_merges=True))
+
+    backend = Learned().converted()
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in spec.specials])
+    bos = spec.tokens["bos_token"]
+    bos_id = backend.token_to_id(bos)
+    backend.post_processor = processors.Sequence(
+        [
+            processors.ByteLevel(add_prefix_space=True, trim_offsets=False, use_regex=True),
+            processors.TemplateProcessing(
+                single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, bos_id)]
+            ),
+        ]
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **dict.fromkeys(spec.tokens))
+
+
+# tokenizer kind -> (family, texts) -> the HF tokenizer, special tokens added, before the family's tokens are set
+TOKENIZERS: dict[str, Callable[[TinyFamily, list[str]], Any]] = {"qwen2": qwen2_tokenizer, "llama3": llama3_tokenizer}
+
+
 def build_tokenizer(name: str, texts: list[str], out: Path):
     """Write the family's tokenizer files into `out` and return the loaded HF tokenizer."""
-    from tokenizers import AddedToken
     from transformers import AutoTokenizer
-    from transformers.models.qwen2.tokenization_qwen2 import Qwen2Tokenizer
 
     spec = family(name)
-    vocab, merges = train_byte_level_bpe(texts, VOCAB_SIZE - len(spec.specials))
-    # the special tokens first, in the checkpoints' order (the class would add eos and pad before the rest)
-    unset = dict.fromkeys(spec.tokens)
-    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, **unset)
-    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in spec.specials])
+    tokenizer = TOKENIZERS[spec.tokenizer](spec, texts)
     for key, value in spec.tokens.items():
         setattr(tokenizer, key, value)
     tokenizer.chat_template = spec.chat_template()
@@ -130,7 +209,7 @@ def build_model(name: str, tokenizer):
         spec.config["model_type"],
         **{k: v for k, v in spec.config.items() if k != "model_type"},
         vocab_size=len(tokenizer),
-        bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+        bos_token_id=tokenizer.convert_tokens_to_ids(spec.config_bos),
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )

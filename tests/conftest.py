@@ -294,3 +294,11 @@ def qwen3_tokenizer(family_merged):
     tokenizer = AutoTokenizer.from_pretrained(family_merged("qwen3"))
     tokenizer.chat_template = serving_template(tokenizer.chat_template)
     return tokenizer
+
+
+@pytest.fixture(scope="session")
+def llama31_tokenizer(family_merged):
+    """The tiny Llama-3.1's tokenizer: Meta's byte-level BPE kind, BOS added, Llama-3.1's template (date header)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(family_merged("llama3"))

@@ -49,15 +49,26 @@ def contents(family_gguf) -> Callable[[str], tuple]:
     return get
 
 
-def test_the_tiny_tokenizers_are_rebuilt_byte_identically_from_the_same_texts(tmp_path):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_tiny_tokenizers_are_rebuilt_byte_identically_from_the_same_texts(family, tmp_path):
     from pipeline.dataset import corpus_texts
 
     texts = corpus_texts(DATA / "train.jsonl")
     for name in ("one", "two"):
-        tiny_families.build_tokenizer("qwen2", texts, tmp_path / name)
+        tiny_families.build_tokenizer(family, texts, tmp_path / name)
     files = sorted(p.name for p in (tmp_path / "one").iterdir())
     assert files == ["chat_template.jinja", "tokenizer.json", "tokenizer_config.json"]
     assert all((tmp_path / "one" / f).read_bytes() == (tmp_path / "two" / f).read_bytes() for f in files)
+
+
+# family -> (eos, pad, bos) of its checkpoints' tokenizer: Qwen's pad (<|endoftext|>) is not its eos (<|im_end|>);
+# Llama-3.1 has no pad (train adds one)
+SPECIAL_TOKENS = {
+    "qwen2": ("<|im_end|>", "<|endoftext|>", None),
+    "qwen3": ("<|im_end|>", "<|endoftext|>", None),
+    "llama3": ("<|eot_id|>", None, "<|begin_of_text|>"),
+}
+PRE_TOKENIZER = {"qwen2": "qwen2", "qwen3": "qwen2", "llama3": "llama-bpe"}
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -66,19 +77,45 @@ def test_each_tiny_model_has_its_familys_layout(name, family_merged, contents):
 
     tokenizer = AutoTokenizer.from_pretrained(family_merged(name))
     assert len(tokenizer) == tiny_families.VOCAB_SIZE
-    # Qwen's special tokens after the vocabulary, in its order; pad (<|endoftext|>) is not eos (<|im_end|>)
+    # the family's special tokens after the vocabulary, in its order
     specials = tokenizer.convert_tokens_to_ids(list(tiny_families.FAMILIES[name].specials))
     assert specials == list(range(tiny_families.VOCAB_SIZE - len(specials), tiny_families.VOCAB_SIZE))
-    assert (tokenizer.eos_token, tokenizer.pad_token, tokenizer.bos_token) == ("<|im_end|>", "<|endoftext|>", None)
+    assert (tokenizer.eos_token, tokenizer.pad_token, tokenizer.bos_token) == SPECIAL_TOKENS[name]
     keys, tensors = contents(name)
-    assert "output.weight" not in tensors  # tied embeddings
     if name == "qwen2":  # q/k/v biases
         assert tensors["blk.0.attn_q.bias"][:2] == ("F32", (128,)) and tensors["blk.0.attn_k.bias"][1] == (64,)
         assert "blk.0.attn_q_norm.weight" not in tensors
-    else:  # per-head q/k norms, no biases
+    elif name == "qwen3":  # per-head q/k norms, no biases
         assert tensors["blk.0.attn_q_norm.weight"][:2] == ("F32", (32,)) and "blk.0.attn_q.bias" not in tensors
         assert keys["qwen3.attention.key_length"] == 32
-    assert keys["general.architecture"] == name and keys["tokenizer.ggml.pre"] == "qwen2"
+    if name.startswith("qwen"):
+        assert "output.weight" not in tensors  # tied embeddings
+    else:  # Llama-3.1: its own output matrix; the llama3 rope scaling as per-frequency factors, first
+        assert tensors["output.weight"][:2] == ("F16", (128, 512)) and next(iter(tensors)) == "rope_freqs.weight"
+        factors = tensors["rope_freqs.weight"][2].view(np.float32)
+        assert tensors["rope_freqs.weight"][:2] == ("F32", (16,)) and (factors[0], factors[-1]) == (1.0, 8.0)
+        assert len(set(factors.tolist())) > 2  # some wavelengths between the two bounds: the smooth part
+        assert keys["llama.rope.freq_base"] == 500000.0 and keys["tokenizer.ggml.add_bos_token"] is True
+        assert not any("rope.scaling" in key for key in keys)  # upstream writes no scaling keys for llama3
+    assert keys["general.architecture"] == ("llama" if name == "llama3" else name)
+    assert keys["tokenizer.ggml.pre"] == PRE_TOKENIZER[name]
+
+
+def test_llama3s_pre_tokenizer_is_named_by_its_definition_as_metas_conversion_writes_it(family_merged):
+    """Meta's Llama-3 tokenizer.json comes from transformers' TikTokenConverter: any vocabulary with its
+    definition is llama.cpp's llama-bpe."""
+    from tokenizers import Tokenizer, models
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    from pipeline.gguf_vocab import PRE_TOKENIZER_DEFINITIONS, definition_digest, pre_tokenizer
+
+    class Empty(TikTokenConverter):
+        def tokenizer(self):
+            return Tokenizer(models.BPE())
+
+    assert PRE_TOKENIZER_DEFINITIONS[definition_digest(Empty().converted())] == "llama-bpe"
+    saved = Tokenizer.from_file(str(family_merged("llama3") / "tokenizer.json"))
+    assert pre_tokenizer(saved) == "llama-bpe" and saved.model.ignore_merges  # as llama.cpp's llama-bpe runs it
 
 
 def test_qwens_pre_tokenizer_is_named_by_its_definition_as_transformers_builds_it(family_merged):
@@ -108,9 +145,9 @@ def ids_hash(model_dir) -> str:
 @pytest.mark.parametrize("name", FAMILIES)
 def test_f16_gguf_equals_llama_cpp_converters_output(name, family_merged, contents, reference_converter, tmp_path):
     model_dir = family_merged(name)
-    # the one registration: upstream knows Qwen's pre-tokenizer by the ids of real Qwen vocabularies only
+    # the one registration: upstream knows a pre-tokenizer by the ids of real vocabularies only
     reference = run_reference(
-        reference_converter, model_dir, tmp_path / "reference.gguf", {ids_hash(model_dir): "qwen2"}
+        reference_converter, model_dir, tmp_path / "reference.gguf", {ids_hash(model_dir): PRE_TOKENIZER[name]}
     )
     assert_same_gguf(contents(name), read_gguf(reference))
 
@@ -169,8 +206,19 @@ def test_llama_cpp_tokenizes_like_the_hf_tokenizer(name, text, tokenizer_pair):
     hf, cpp = tokenizer_pair(name)
     string = hf.apply_chat_template(MULTI_TURN, tokenize=False) if text == "chat" else TEXTS[text]
     assert cpp.tokenize(string.encode(), add_bos=False, special=True) == hf.encode(string, add_special_tokens=False)
-    # Qwen adds no BOS: llama.cpp's add_bos follows the GGUF's flag, the tokenizer's its post-processor
+    # Qwen adds no BOS, Llama-3 does: llama.cpp's add_bos follows the GGUF's flag, the tokenizer's its post-processor
     assert cpp.tokenize(string.encode(), add_bos=True, special=True) == hf.encode(string, add_special_tokens=True)
+
+
+def test_llama31s_gguf_ends_generation_at_eot_eom_and_end_of_text(family_gguf):
+    """llama.cpp's own end-of-generation set: why the llama3.1 stop list (Ollama's) needs no <|eom_id|>."""
+    import llama_cpp
+
+    with llama(family_gguf("llama3").out) as cpp:
+        vocab = llama_cpp.llama_model_get_vocab(cpp.model)
+        ends = [i for i in range(tiny_families.VOCAB_SIZE) if llama_cpp.llama_vocab_is_eog(vocab, i)]
+        pieces = [cpp.detokenize([i], special=True).decode() for i in ends]
+    assert pieces == ["<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"]
 
 
 # --- served by the real Ollama, with the TEMPLATE the modelfile stage would write ---
@@ -192,7 +240,7 @@ def ollama(ollama_binary, tmp_path_factory) -> Iterator:
 CHAT_OPTIONS = {"temperature": 0, "top_k": 1, "seed": 42, "num_predict": 8, "repeat_penalty": 1.0}
 
 
-@pytest.mark.parametrize(("name", "chat_family"), [("qwen2", "qwen2.5"), ("qwen3", "qwen3")])
+@pytest.mark.parametrize(("name", "chat_family"), [("qwen2", "qwen2.5"), ("qwen3", "qwen3"), ("llama3", "llama3.1")])
 def test_ollama_creates_the_tiny_model_and_answers_through_api_chat(
     name, chat_family, ollama, family_merged, family_gguf, tmp_path
 ):
