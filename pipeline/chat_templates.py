@@ -161,6 +161,8 @@ CHAT_TEMPLATES: dict[str, Callable[[], str]] = {
     "llama3": trl_template("llama3"),
     "qwen3": qwen3_thinking_off,
     "llama3.1": trl_template("llama3_1"),
+    "phi3": trl_template("phi3"),
+    "phi3.5": trl_template("phi3_5"),
 }
 # (a checkpoint's template, the one the pipeline trains and serves it with: same text, another default)
 SERVING_VARIANTS: tuple[tuple[Callable[[], str], Callable[[], str]], ...] = (

@@ -92,10 +92,12 @@ def _too_many_tokens(size: int, rows: int) -> PipelineError:
     )
 
 
-def sentencepiece_vocab(model_dir: Path, rows: int) -> Vocab:
+def sentencepiece_vocab(model_dir: Path, rows: int, phi3: bool = False) -> Vocab:
     """`tokenizer.model` pieces, then added tokens, then placeholders up to `rows` (upstream's
     _create_vocab_sentencepiece, plus tokenizer.json's added tokens: transformers >= 5 no longer
-    writes added_tokens_decoder into tokenizer_config.json, and upstream then writes `[PAD<id>]`)."""
+    writes added_tokens_decoder into tokenizer_config.json, and upstream then writes `[PAD<id>]`).
+    `phi3`: upstream's Phi3MiniModel reads tokenizer.json itself: every added token there, inside the
+    model too, takes its id (control if special, else user-defined, as written), score ADDED_SCORE."""
     from sentencepiece import SentencePieceProcessor
 
     processor = SentencePieceProcessor()
@@ -124,7 +126,7 @@ def sentencepiece_vocab(model_dir: Path, rows: int) -> Vocab:
     added += [
         (d["id"], d["content"], d.get("special"))
         for d in _read_json(model_dir / "tokenizer.json").get("added_tokens", [])
-        if d["id"] >= base  # ids inside the SentencePiece model keep its own types, as upstream
+        if phi3 or d["id"] >= base  # ids inside the SentencePiece model keep its own types, as upstream (not Phi-3's)
     ]
     size = max([base, *(i + 1 for i, _, _ in added)])
     if size > rows:
@@ -133,6 +135,8 @@ def sentencepiece_vocab(model_dir: Path, rows: int) -> Vocab:
     for i, text, special in added:
         if special is None:  # added_tokens.json: user-defined, as upstream
             kind = USER_DEFINED
+        elif phi3:
+            kind = CONTROL if special else USER_DEFINED
         elif special or looks_special(text):
             kind = CONTROL
         else:
@@ -213,12 +217,21 @@ def bpe_vocab(model_dir: Path, rows: int) -> Vocab:
 def special_vocab(model_dir: Path, n_vocab: int | None, load_merges: bool):
     """gguf-py's SpecialVocab (special ids, add-BOS/EOS flags, chat template, merges), with the rule
     newer upstream gguf-py adds: a ByteLevel post-processor means "adds neither BOS nor EOS" unless
-    another post-processor step says otherwise."""
+    another post-processor step says otherwise. And one of ours: for SentencePiece, a TemplateProcessing
+    post-processor of the text alone means "adds no BOS" (transformers 5 writes Phi-3's so and drops its add_bos_token
+    false; upstream then writes no flag, and llama.cpp's SentencePiece default would add a BOS that
+    training never saw)."""
     import gguf
 
     special = gguf.SpecialVocab(model_dir, load_merges=load_merges, n_vocab=n_vocab)
     post = _read_json(model_dir / "tokenizer.json").get("post_processor") or {}
     steps = [step.get("type") for step in post.get("processors", [post])]
+    singles = [
+        step.get("single") for step in post.get("processors", [post]) if step.get("type") == "TemplateProcessing"
+    ]
+    sentencepiece = not load_merges  # llama.cpp's SentencePiece default is to add a BOS
+    if sentencepiece and singles and all(len(single) == 1 and "Sequence" in single[0] for single in singles):
+        special.add_special_token.setdefault("bos", False)
     if "ByteLevel" in steps:
         flags = special.add_special_token
         flags.setdefault("bos", False)
@@ -228,18 +241,18 @@ def special_vocab(model_dir: Path, n_vocab: int | None, load_merges: bool):
     return special
 
 
-def add_vocab_to_gguf(writer, model_dir: Path, rows: int, config_vocab_size: int) -> Vocab:
+def add_vocab_to_gguf(writer, model_dir: Path, rows: int, config_vocab_size: int, phi3: bool = False) -> Vocab:
     """Write every tokenizer key; raise PipelineError (before any file is written) if the vocabulary
-    cannot match the embeddings. `rows` = embedding rows."""
+    cannot match the embeddings. `rows` = embedding rows; `phi3`: as upstream's Phi3MiniModel writes it."""
     config = _read_json(model_dir / "tokenizer_config.json")
     if (model_dir / "tokenizer.model").is_file():
-        vocab = sentencepiece_vocab(model_dir, rows)
+        vocab = sentencepiece_vocab(model_dir, rows, phi3)
     elif (model_dir / "tokenizer.json").is_file():
         vocab = bpe_vocab(model_dir, rows)
     else:
         raise PipelineError(f"{model_dir}: no tokenizer (tokenizer.model or tokenizer.json)")
 
-    if (prefix := config.get("add_prefix_space")) is not None:
+    if (prefix := config.get("add_prefix_space")) is not None and not phi3:  # LlamaModel's key, not Phi3MiniModel's
         writer.add_add_space_prefix(prefix)
     writer.add_tokenizer_model(vocab.model)
     writer.add_tokenizer_pre(vocab.pre)

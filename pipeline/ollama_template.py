@@ -102,6 +102,19 @@ LLAMA31_TEMPLATE = (
     "{{- end }}<|start_header_id|>assistant<|end_header_id|>\n"
     "\n"
 )
+# Phi-3 mini as Hugging Face ships it: system, user and assistant turns (other roles are not written), each
+# closed by <|end|>; Phi-3.5's leaves out a system message without content.
+PHI3_TEMPLATE = (
+    "{{- range .Messages }}\n"
+    '{{- if eq .Role "system" "user" "assistant" }}<|{{ .Role }}|>\n'
+    "{{ .Content }}<|end|>\n"
+    "{{ end }}\n"
+    "{{- end }}<|assistant|>\n"
+)
+PHI35_TEMPLATE = PHI3_TEMPLATE.replace(
+    '{{- if eq .Role "system" "user" "assistant" }}',
+    '{{- if or (eq .Role "user" "assistant") (and (eq .Role "system") .Content) }}',
+)
 
 
 @dataclass(frozen=True)
@@ -113,6 +126,7 @@ class _Row:
 
 
 CHATML_STOP = ("<|im_start|>", "<|im_end|>")
+PHI3_STOP = ("<|end|>", "<|system|>", "<|user|>", "<|assistant|>")
 # Ollama's for Llama-3 and 3.1 (<|eom_id|>, the end of an ipython turn, is end-of-generation in llama.cpp itself)
 LLAMA3_STOP = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
 # First matching row wins, so a specific variant comes before its general form. Stop lists are
@@ -141,6 +155,11 @@ FAMILIES: tuple[_Row, ...] = (
         # not Llama-3.2's: it writes today's date (strftime_now), which no TEMPLATE can promise to match
         excludes=("strftime_now",),
     ),
+    _Row(
+        ("<|user|>", "<|assistant|>", "<|end|>", "message['role'] == 'system' and message['content']"),
+        ChatFamily("phi3.5", PHI35_TEMPLATE, PHI3_STOP),
+    ),
+    _Row(("<|user|>", "<|assistant|>", "<|end|>"), ChatFamily("phi3", PHI3_TEMPLATE, PHI3_STOP)),
 )
 
 

@@ -3,7 +3,8 @@
 Like pipeline.tiny, but one row of FAMILIES per architecture: its transformers config, the special
 tokens and chat template its real checkpoints ship, and a tokenizer of the real kind trained on the
 given texts: byte-level BPE with Qwen's pre-tokenizer (through transformers' own Qwen2Tokenizer), or
-with Llama-3's (the tokenizer.json Meta's conversion writes: transformers' TikTokenConverter).
+with Llama-3's (the tokenizer.json Meta's conversion writes: transformers' TikTokenConverter); or, for
+Phi-3, a SentencePiece model (pipeline.tiny's) under transformers' LlamaTokenizer with Phi-3's added tokens.
 No download: the vocabulary is learned here; the chat template is the one TRL stores for that family
 (identical to the checkpoints'). Weights are random from a fixed seed, with biases and norm weights
 drawn too (transformers initialises them to 0 and 1, which would hide a wrong layout).
@@ -20,6 +21,7 @@ from typing import Any
 
 from pipeline.chat_templates import trl_template
 from pipeline.common import PipelineError
+from pipeline.vocab import save_tokenizer
 
 SEED = 1234
 VOCAB_SIZE = 512  # byte-level BPE: 256 bytes, merges, then the special tokens
@@ -32,8 +34,9 @@ class TinyFamily:
     specials: tuple[str, ...]  # added after the BPE vocabulary, in the checkpoints' order
     tokens: dict[str, str | None]  # bos / eos / pad / unk as the checkpoints' tokenizer_config.json names them
     chat_template: Callable[[], str]
-    tokenizer: str  # its kind: "qwen2" | "llama3" (TOKENIZERS)
+    tokenizer: str  # its kind: "qwen2" | "llama3" | "phi3" (TOKENIZERS)
     config_bos: str  # the token config.json's bos_token_id names
+    rows: int | None = None  # embedding rows when the checkpoints pad them beyond the tokenizer (Phi-3)
 
 
 QWEN_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
@@ -109,6 +112,41 @@ FAMILIES = {
 }
 
 
+# Phi-3's added tokens (ids 32000-32010 after its 32000 SentencePiece pieces), in its order
+PHI3_SPECIALS = (
+    "<|endoftext|>", "<|assistant|>", "<|placeholder1|>", "<|placeholder2|>", "<|placeholder3|>",
+    "<|placeholder4|>", "<|system|>", "<|end|>", "<|placeholder5|>", "<|placeholder6|>", "<|user|>",
+)  # fmt: skip
+FAMILIES["phi3"] = TinyFamily(
+    # Phi-3.5 mini: MHA, fused qkv_proj and gate_up_proj, untied output, longrope (short factors up to
+    # original_max_position_embeddings, long beyond), a sliding window, embeddings padded to a multiple of 64
+    # (32064 rows for 32011 tokens), Phi-3.5's template; pad = eos = <|endoftext|> (train adds a pad)
+    "phi3",
+    {
+        "architectures": ["Phi3ForCausalLM"],
+        "model_type": "phi3",
+        **{k: v for k, v in _QWEN_SIZES.items() if k not in ("use_sliding_window", "rope_theta")},
+        "num_key_value_heads": 4,
+        "rms_norm_eps": 1e-5,
+        "original_max_position_embeddings": 512,
+        "rope_scaling": {
+            "rope_type": "longrope",
+            "rope_theta": 10000.0,
+            "long_factor": [1.0 + 0.25 * i for i in range(16)],
+            "short_factor": [1.0 + 0.05 * i for i in range(16)],
+        },
+        "sliding_window": 511,
+        "tie_word_embeddings": False,
+    },
+    PHI3_SPECIALS,
+    {"bos_token": "<s>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "unk_token": "<unk>"},
+    trl_template("phi3_5"),
+    "phi3",
+    "<s>",
+    rows=576,
+)
+
+
 def family(name: str) -> TinyFamily:
     if name not in FAMILIES:
         raise PipelineError(f"no tiny model of family {name!r} (known: {', '.join(FAMILIES)})")
@@ -141,7 +179,7 @@ def train_byte_level_bpe(
     return model["vocab"], [tuple(merge) for merge in model["merges"]]
 
 
-def qwen2_tokenizer(spec: TinyFamily, texts: list[str]):
+def qwen2_tokenizer(spec: TinyFamily, texts: list[str], out: Path):
     """transformers' own Qwen2Tokenizer on a vocabulary learned with its pre-tokenizer."""
     from tokenizers import AddedToken
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX, Qwen2Tokenizer
@@ -153,7 +191,7 @@ def qwen2_tokenizer(spec: TinyFamily, texts: list[str]):
     return tokenizer
 
 
-def llama3_tokenizer(spec: TinyFamily, texts: list[str]):
+def llama3_tokenizer(spec: TinyFamily, texts: list[str], out: Path):
     """Llama-3's tokenizer.json as Meta's conversion writes it (transformers' TikTokenConverter: its regex,
     ByteLevel without prefix space, merges ignored for a word in the vocabulary), BOS added by the post-processor."""
     from tokenizers import AddedToken, Tokenizer, models, processors
@@ -180,8 +218,34 @@ def llama3_tokenizer(spec: TinyFamily, texts: list[str]):
     return PreTrainedTokenizerFast(tokenizer_object=backend, **dict.fromkeys(spec.tokens))
 
 
-# tokenizer kind -> (family, texts) -> the HF tokenizer, special tokens added, before the family's tokens are set
-TOKENIZERS: dict[str, Callable[[TinyFamily, list[str]], Any]] = {"qwen2": qwen2_tokenizer, "llama3": llama3_tokenizer}
+def phi3_tokenizer(spec: TinyFamily, texts: list[str], out: Path):
+    """pipeline.tiny's SentencePiece model (written to `out`, which convert reads) under transformers'
+    LlamaTokenizer as Phi-3's tokenizer_config.json names it (no BOS or EOS added), its added tokens after the
+    pieces. legacy: a "▁" after special tokens, as llama.cpp's SentencePiece tokenizer and Phi-3's own
+    tokenizer.json (a Prepend normalizer) write it."""
+    from tokenizers import AddedToken
+    from transformers import AutoTokenizer
+
+    from pipeline.tiny import train_sentencepiece
+
+    config = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": False, "add_eos_token": False, "legacy": True}
+    (out / "tokenizer.model").write_bytes(train_sentencepiece(texts))
+    (out / "tokenizer_config.json").write_text(json.dumps(config))
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    # Phi-3's tokenizer.json strips the whitespace after each added token but <|endoftext|> (llama.cpp's
+    # llama-vocab.cpp mirrors that for a model it knows by name as Phi-3)
+    added = [AddedToken(t, special=True, normalized=False, rstrip=t != "<|endoftext|>") for t in spec.specials]
+    tokenizer.add_tokens(added)
+    return tokenizer
+
+
+# tokenizer kind -> (family, texts, directory for files besides the HF ones) -> the HF tokenizer, special tokens
+# added, before the family's tokens are set
+TOKENIZERS: dict[str, Callable[[TinyFamily, list[str], Path], Any]] = {
+    "qwen2": qwen2_tokenizer,
+    "llama3": llama3_tokenizer,
+    "phi3": phi3_tokenizer,
+}
 
 
 def build_tokenizer(name: str, texts: list[str], out: Path):
@@ -189,13 +253,13 @@ def build_tokenizer(name: str, texts: list[str], out: Path):
     from transformers import AutoTokenizer
 
     spec = family(name)
-    tokenizer = TOKENIZERS[spec.tokenizer](spec, texts)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = TOKENIZERS[spec.tokenizer](spec, texts, out)
     for key, value in spec.tokens.items():
         setattr(tokenizer, key, value)
     tokenizer.chat_template = spec.chat_template()
     tokenizer.model_max_length = spec.config["max_position_embeddings"]
-    out.mkdir(parents=True, exist_ok=True)
-    tokenizer.save_pretrained(out)
+    save_tokenizer(tokenizer, out)  # as every stage saves one (a SentencePiece tokenizer keeps its legacy flag)
     return AutoTokenizer.from_pretrained(out)
 
 
@@ -208,7 +272,7 @@ def build_model(name: str, tokenizer):
     config = AutoConfig.for_model(
         spec.config["model_type"],
         **{k: v for k, v in spec.config.items() if k != "model_type"},
-        vocab_size=len(tokenizer),
+        vocab_size=spec.rows or len(tokenizer),
         bos_token_id=tokenizer.convert_tokens_to_ids(spec.config_bos),
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

@@ -23,7 +23,15 @@ def trained_runs(ids: list[int], trained: list[bool]) -> list[list[int]]:
 
 @pytest.mark.parametrize(
     "tokenizer_fixture",
-    ["tiny_tokenizer", "smollm2_tokenizer", "qwen2_tokenizer", "qwen3_tokenizer", "llama31_tokenizer"],
+    [
+        "tiny_tokenizer",
+        "smollm2_tokenizer",
+        "qwen2_tokenizer",
+        "qwen3_tokenizer",
+        "llama31_tokenizer",
+        "phi3_tokenizer",
+        "phi3_mini_tokenizer",
+    ],
 )
 def test_training_template_renders_every_conversation_of_the_dataset_like_the_shipped_one(
     request, tokenizer_fixture, dataset_conversations
