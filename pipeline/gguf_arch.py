@@ -9,7 +9,11 @@ before training, an architecture that convert could not write.
   Qwen's rope reads HF's order as it is;
 - `llama_keys`: LlamaModel adds vocab_size and rope.dimension_count after the common keys;
 - `completes_head_dim`: the transformers config fills head_dim in when config.json lacks it (upstream
-  reads the completed config, so then writes attention.key_length / value_length).
+  reads the completed config, so then writes attention.key_length / value_length);
+- `phi3`: upstream's Phi3MiniModel: its own hyperparameter keys (not TextModel's: the original context
+  length, rope dimensions from partial_rotary_factor, the sliding window, 0 when unset), longrope's
+  short/long factors as rope_factors_* tensors with their attention factor, and its own SentencePiece
+  vocabulary (every added token of tokenizer.json overrides the piece at its id; no add_space_prefix).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ class Architecture:
     permute_qk: bool
     llama_keys: bool
     completes_head_dim: bool
+    phi3: bool = False
 
 
 LLAMA = Architecture(gguf.MODEL_ARCH.LLAMA, permute_qk=True, llama_keys=True, completes_head_dim=True)
@@ -38,6 +43,10 @@ ARCHITECTURES = {
     ),
     "Qwen3ForCausalLM": Architecture(
         gguf.MODEL_ARCH.QWEN3, permute_qk=False, llama_keys=False, completes_head_dim=True
+    ),
+    # Phi-3/3.5 mini: fused qkv_proj and gate_up_proj are tensors of the name map (attn_qkv, ffn_up), as upstream
+    "Phi3ForCausalLM": Architecture(
+        gguf.MODEL_ARCH.PHI3, permute_qk=False, llama_keys=False, completes_head_dim=False, phi3=True
     ),
 }
 

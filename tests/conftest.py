@@ -294,3 +294,31 @@ def qwen3_tokenizer(family_merged):
     tokenizer = AutoTokenizer.from_pretrained(family_merged("qwen3"))
     tokenizer.chat_template = serving_template(tokenizer.chat_template)
     return tokenizer
+
+
+@pytest.fixture(scope="session")
+def llama31_tokenizer(family_merged):
+    """The tiny Llama-3.1's tokenizer: Meta's byte-level BPE kind, BOS added, Llama-3.1's template (date header)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(family_merged("llama3"))
+
+
+@pytest.fixture(scope="session")
+def phi3_tokenizer(family_merged):
+    """The tiny Phi-3's tokenizer: SentencePiece with Phi-3's added tokens, no BOS added, Phi-3.5's template."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(family_merged("phi3"))
+
+
+@pytest.fixture(scope="session")
+def phi3_mini_tokenizer(phi3_tokenizer):
+    """The tiny Phi-3's tokenizer with Phi-3 mini's template (it writes a system message without content too)."""
+    import copy
+
+    from pipeline.chat_templates import CHAT_TEMPLATES
+
+    tokenizer = copy.deepcopy(phi3_tokenizer)
+    tokenizer.chat_template = CHAT_TEMPLATES["phi3"]()
+    return tokenizer

@@ -52,8 +52,8 @@ def test_an_architecture_convert_cannot_write_stops_base_before_any_weights_are_
     line = one_error_line(run_base(tmp_path, model))
     assert line == (
         f"error: base.model '{model}': unsupported architecture GPT2LMHeadModel: convert writes LlamaForCausalLM, "
-        "MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM; to add one, give it a row in ARCHITECTURES "
-        "(pipeline/gguf_arch.py) after what llama.cpp's convert_hf_to_gguf.py writes for it"
+        "MistralForCausalLM, Phi3ForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM; to add one, give it a row in "
+        "ARCHITECTURES (pipeline/gguf_arch.py) after what llama.cpp's convert_hf_to_gguf.py writes for it"
     )
     assert not (tmp_path / "out").exists()
 
@@ -65,8 +65,8 @@ def test_a_chat_template_without_an_ollama_template_stops_base(family_merged, tm
     line = one_error_line(run_base(tmp_path, model))
     assert line.startswith(
         f"error: base.model '{model}': no Ollama TEMPLATE for this chat template (known families: chatml-smollm2, "
-        "qwen2.5, qwen3, chatml, llama2, llama3); add a row to FAMILIES in pipeline/ollama_template.py with markers "
-        "found in it, the Go TEMPLATE and the stop list. Its start: "
+        "qwen2.5, qwen3, chatml, llama2, llama3, llama3.1, phi3.5, phi3); add a row to FAMILIES in "
+        "pipeline/ollama_template.py with markers found in it, the Go TEMPLATE and the stop list. Its start: "
     )
     assert not (tmp_path / "out").exists()
 
@@ -76,7 +76,8 @@ def test_a_pretrained_base_without_a_chat_template_needs_base_chat_template(fami
     line = one_error_line(run_base(tmp_path / "without", model))
     assert line == (
         f"error: base.model '{model}' ships no chat template (a pretrained base): set base.chat_template to the chat "
-        "family to train and serve it with (chatml, chatml-smollm2, qwen2.5, llama2, llama3, qwen3)"
+        "family to train and serve it with (chatml, chatml-smollm2, qwen2.5, llama2, llama3, qwen3, llama3.1, phi3, "
+        "phi3.5)"
     )
 
     result = run_base(tmp_path / "with", model, "  chat_template: qwen2.5\n")
@@ -94,7 +95,7 @@ def test_base_chat_template_must_name_a_chat_family():
         parse_params("base:\n  model: tiny\n  chat_template: gemma\n")
     assert str(error.value) == (
         "invalid params:\n  params.yaml:3: base.chat_template: must be null or a chat family (chatml, "
-        "chatml-smollm2, qwen2.5, llama2, llama3, qwen3), got 'gemma'"
+        "chatml-smollm2, qwen2.5, llama2, llama3, qwen3, llama3.1, phi3, phi3.5), got 'gemma'"
     )
     assert parse_params("base:\n  chat_template: llama2\n").base.chat_template == "llama2"
 
@@ -111,3 +112,23 @@ def test_a_qwen3_base_is_carried_with_thinking_off_unless_asked(family_merged, t
     written = (tmp_path / "out" / "chat_template.jinja").read_text()
     assert written == qwen3_thinking_off() and written != qwen3_chat_template
     assert "chat family qwen3 (TEMPLATE proven on" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("name", "chat_family", "architecture", "shipped"),
+    [
+        ("llama3", "llama3.1", "LlamaForCausalLM", "llama3_1_chat_template"),
+        ("phi3", "phi3.5", "Phi3ForCausalLM", "phi3_5_chat_template"),
+    ],
+)
+def test_a_base_of_each_new_family_is_carried_with_its_own_template(
+    name, chat_family, architecture, shipped, family_merged, tmp_path
+):
+    from trl import chat_template_utils
+
+    result = run_base(tmp_path, family_merged(name))
+    assert result.returncode == 0, result.stderr[-2000:]
+    written = (tmp_path / "out" / "chat_template.jinja").read_text()
+    assert written == getattr(chat_template_utils, shipped)  # unchanged
+    assert json.loads((tmp_path / "out" / "base.json").read_text())["architecture"] == architecture
+    assert f"chat family {chat_family} (TEMPLATE proven on" in result.stderr
