@@ -115,14 +115,7 @@ class HFModel:
             progress(len(batch))
         return answers
 
-    def cases(
-        self,
-        conversations: Sequence[Messages],
-        references: Sequence[str | None],
-        max_new_tokens: int,
-        progress: Progress,
-    ) -> tuple[list[Answer], list[float | None]]:
-        return answers_then_nll(self, conversations, references, max_new_tokens, progress)
+    cases = answers_then_nll  # batched: every answer, then every reference
 
     def greedy(self, ids, mask, max_new_tokens: int) -> list[list[int]]:
         """Greedy tokens of each left-padded row, up to and including its end-of-turn token. Plain argmax, as
