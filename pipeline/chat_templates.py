@@ -131,6 +131,7 @@ CHAT_TEMPLATES: dict[str, Callable[[], str]] = {
     "llama2": lambda: LLAMA2_CHAT_TEMPLATE,
     "llama3": trl_template("llama3"),
     "qwen3": qwen3_thinking_off,
+    "gemma": trl_template("gemma3"),
 }
 # (a checkpoint's template, the one the pipeline trains and serves it with: same text, another default)
 SERVING_VARIANTS: tuple[tuple[Callable[[], str], Callable[[], str]], ...] = (

@@ -9,7 +9,14 @@ before training, an architecture that convert could not write.
   Qwen's rope reads HF's order as it is;
 - `llama_keys`: LlamaModel adds vocab_size and rope.dimension_count after the common keys;
 - `completes_head_dim`: the transformers config fills head_dim in when config.json lacks it (upstream
-  reads the completed config, so then writes attention.key_length / value_length).
+  reads the completed config, so then writes attention.key_length / value_length);
+- `norm_shift`: Gemma's RMSNorm scales by `1 + w`; upstream stores `1 + w` in every `*norm.weight`
+  (llama.cpp's RMSNorm scales by the weight itself). The embedding scale (sqrt(hidden)) needs nothing:
+  llama.cpp's Gemma graphs apply it;
+- `gemma`: the Gemma key set, after the common ones: 2 (Gemma2Model: its own key order without rope
+  base, attention and final logit soft-capping, sliding window) or 3 (Gemma3Model: the sliding layers'
+  rope base, the final soft-capping when set, the sliding window); 0 for the others. Gemma's
+  vocabulary also sets add_space_prefix false (SentencePiece without a dummy prefix).
 """
 
 from __future__ import annotations
@@ -25,6 +32,8 @@ class Architecture:
     permute_qk: bool
     llama_keys: bool
     completes_head_dim: bool
+    norm_shift: bool = False
+    gemma: int = 0
 
 
 LLAMA = Architecture(gguf.MODEL_ARCH.LLAMA, permute_qk=True, llama_keys=True, completes_head_dim=True)
@@ -38,6 +47,13 @@ ARCHITECTURES = {
     ),
     "Qwen3ForCausalLM": Architecture(
         gguf.MODEL_ARCH.QWEN3, permute_qk=False, llama_keys=False, completes_head_dim=True
+    ),
+    # Gemma 3 text only (Gemma3ForConditionalGeneration's vision tower goes to a separate mmproj file upstream)
+    "Gemma2ForCausalLM": Architecture(
+        gguf.MODEL_ARCH.GEMMA2, permute_qk=False, llama_keys=False, completes_head_dim=True, norm_shift=True, gemma=2
+    ),
+    "Gemma3ForCausalLM": Architecture(
+        gguf.MODEL_ARCH.GEMMA3, permute_qk=False, llama_keys=False, completes_head_dim=True, norm_shift=True, gemma=3
     ),
 }
 

@@ -83,6 +83,21 @@ LLAMA3_TEMPLATE = (
     "{{- end }}<|start_header_id|>assistant<|end_header_id|>\n"
     "\n"
 )
+# Gemma 3 (TRL's gemma3.jinja, as its checkpoints ship it): no system turn, the system message folded into
+# the first user turn followed by a blank line; the assistant is "model".
+GEMMA_TEMPLATE = (
+    '{{- $system := "" }}\n'
+    "{{- range .Messages }}\n"
+    '{{- if eq .Role "system" }}{{ $system = .Content }}\n'
+    '{{- else if eq .Role "user" }}<start_of_turn>user\n'
+    "{{ if $system }}{{ $system }}\n"
+    "\n"
+    '{{ $system = "" }}{{ end }}{{ .Content }}<end_of_turn>\n'
+    "{{ else }}<start_of_turn>model\n"
+    "{{ .Content }}<end_of_turn>\n"
+    "{{ end }}\n"
+    "{{- end }}<start_of_turn>model\n"
+)
 
 
 @dataclass(frozen=True)
@@ -113,6 +128,11 @@ FAMILIES: tuple[_Row, ...] = (
         ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
         ChatFamily("llama3", LLAMA3_TEMPLATE, ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")),
         excludes=("Cutting Knowledge Date",),  # not Llama-3.1+'s: its date header is not rendered here
+    ),
+    # Gemma 3's (the system folded in); not Gemma/Gemma 2's, which refuses a system message
+    _Row(
+        ("<start_of_turn>", "first_user_prefix"),
+        ChatFamily("gemma", GEMMA_TEMPLATE, ("<end_of_turn>", "<start_of_turn>", "<eos>")),
     ),
 )
 

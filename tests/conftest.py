@@ -294,3 +294,20 @@ def qwen3_tokenizer(family_merged):
     tokenizer = AutoTokenizer.from_pretrained(family_merged("qwen3"))
     tokenizer.chat_template = serving_template(tokenizer.chat_template)
     return tokenizer
+
+
+@pytest.fixture(scope="session")
+def gemma2_tokenizer(family_merged):
+    """The tiny Gemma 2's tokenizer: SentencePiece (tokenizer.model), Gemma 3's template (system folded in)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(family_merged("gemma2"))
+
+
+@pytest.fixture(scope="session")
+def gemma3_tokenizer(family_merged):
+    """The tiny Gemma 3's tokenizer: SentencePiece (tokenizer.model), Gemma 3's chat template (TRL has its
+    training variant)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(family_merged("gemma3"))

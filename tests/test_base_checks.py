@@ -51,9 +51,10 @@ def test_an_architecture_convert_cannot_write_stops_base_before_any_weights_are_
     model = local_copy(family_merged("qwen2"), tmp_path / "gpt2", skip=("model.safetensors",), files=config)
     line = one_error_line(run_base(tmp_path, model))
     assert line == (
-        f"error: base.model '{model}': unsupported architecture GPT2LMHeadModel: convert writes LlamaForCausalLM, "
-        "MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM; to add one, give it a row in ARCHITECTURES "
-        "(pipeline/gguf_arch.py) after what llama.cpp's convert_hf_to_gguf.py writes for it"
+        f"error: base.model '{model}': unsupported architecture GPT2LMHeadModel: convert writes Gemma2ForCausalLM, "
+        "Gemma3ForCausalLM, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM; to add one, "
+        "give it a row in ARCHITECTURES (pipeline/gguf_arch.py) after what llama.cpp's convert_hf_to_gguf.py "
+        "writes for it"
     )
     assert not (tmp_path / "out").exists()
 
@@ -65,8 +66,8 @@ def test_a_chat_template_without_an_ollama_template_stops_base(family_merged, tm
     line = one_error_line(run_base(tmp_path, model))
     assert line.startswith(
         f"error: base.model '{model}': no Ollama TEMPLATE for this chat template (known families: chatml-smollm2, "
-        "qwen2.5, qwen3, chatml, llama2, llama3); add a row to FAMILIES in pipeline/ollama_template.py with markers "
-        "found in it, the Go TEMPLATE and the stop list. Its start: "
+        "qwen2.5, qwen3, chatml, llama2, llama3, gemma); add a row to FAMILIES in pipeline/ollama_template.py with "
+        "markers found in it, the Go TEMPLATE and the stop list. Its start: "
     )
     assert not (tmp_path / "out").exists()
 
@@ -76,7 +77,7 @@ def test_a_pretrained_base_without_a_chat_template_needs_base_chat_template(fami
     line = one_error_line(run_base(tmp_path / "without", model))
     assert line == (
         f"error: base.model '{model}' ships no chat template (a pretrained base): set base.chat_template to the chat "
-        "family to train and serve it with (chatml, chatml-smollm2, qwen2.5, llama2, llama3, qwen3)"
+        "family to train and serve it with (chatml, chatml-smollm2, qwen2.5, llama2, llama3, qwen3, gemma)"
     )
 
     result = run_base(tmp_path / "with", model, "  chat_template: qwen2.5\n")
@@ -91,10 +92,10 @@ def test_a_pretrained_base_without_a_chat_template_needs_base_chat_template(fami
 
 def test_base_chat_template_must_name_a_chat_family():
     with pytest.raises(PipelineError) as error:
-        parse_params("base:\n  model: tiny\n  chat_template: gemma\n")
+        parse_params("base:\n  model: tiny\n  chat_template: vicuna\n")
     assert str(error.value) == (
         "invalid params:\n  params.yaml:3: base.chat_template: must be null or a chat family (chatml, "
-        "chatml-smollm2, qwen2.5, llama2, llama3, qwen3), got 'gemma'"
+        "chatml-smollm2, qwen2.5, llama2, llama3, qwen3, gemma), got 'vicuna'"
     )
     assert parse_params("base:\n  chat_template: llama2\n").base.chat_template == "llama2"
 
@@ -111,3 +112,16 @@ def test_a_qwen3_base_is_carried_with_thinking_off_unless_asked(family_merged, t
     written = (tmp_path / "out" / "chat_template.jinja").read_text()
     assert written == qwen3_thinking_off() and written != qwen3_chat_template
     assert "chat family qwen3 (TEMPLATE proven on" in result.stderr
+
+
+def test_a_pretrained_gemma_base_is_given_the_gemma_family_by_base_chat_template(family_merged, tmp_path):
+    """Gemma 3 270M ships no chat template (a pretrained base): `base.chat_template: gemma` gives it Gemma 3's."""
+    from trl.chat_template_utils import gemma3_chat_template
+
+    model = local_copy(family_merged("gemma3"), tmp_path / "pretrained", skip=("chat_template.jinja",))
+    result = run_base(tmp_path / "with", model, "  chat_template: gemma\n")
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = tmp_path / "with" / "out"
+    assert (out / "chat_template.jinja").read_text() == gemma3_chat_template
+    assert json.loads((out / "base.json").read_text())["architecture"] == "Gemma3ForCausalLM"
+    assert "chat family gemma (TEMPLATE proven on" in result.stderr

@@ -22,7 +22,8 @@ def trained_runs(ids: list[int], trained: list[bool]) -> list[list[int]]:
 
 
 @pytest.mark.parametrize(
-    "tokenizer_fixture", ["tiny_tokenizer", "smollm2_tokenizer", "qwen2_tokenizer", "qwen3_tokenizer"]
+    "tokenizer_fixture",
+    [f"{name}_tokenizer" for name in ("tiny", "smollm2", "qwen2", "qwen3", "gemma2", "gemma3")],
 )
 def test_training_template_renders_every_conversation_of_the_dataset_like_the_shipped_one(
     request, tokenizer_fixture, dataset_conversations
@@ -93,4 +94,18 @@ def test_qwen3_trains_the_last_answer_after_its_empty_think_block_and_earlier_on
     assert [qwen3_tokenizer.decode(run) for run in runs] == [
         'PROC main:\n  PRINT "Hello Chris"\nENDP<|im_end|>',
         '<think>\n\n</think>\n\nPROC main:\n  PRINT "Hello Chris"\n  GET\nENDP<|im_end|>',
+    ]
+
+
+def test_gemma_assistant_mask_covers_each_answer_and_its_end_of_turn_exactly(gemma3_tokenizer):
+    # TRL's Gemma 3 variant: the "<start_of_turn>model\n" header is a prompt cue, outside the markers
+    tokenizer = gemma3_tokenizer
+    encoded = tokenizer.apply_chat_template(
+        MULTI_TURN, chat_template=training_template(tokenizer), return_dict=True, return_assistant_tokens_mask=True
+    )
+    assert encoded["input_ids"] == tokenizer.apply_chat_template(MULTI_TURN, return_dict=True)["input_ids"]
+    runs = trained_runs(encoded["input_ids"], [bool(m) for m in encoded["assistant_masks"]])
+    assert [tokenizer.decode(run) for run in runs] == [
+        'PROC main:\n  PRINT "Hello Chris"\nENDP<end_of_turn>\n',
+        'PROC main:\n  PRINT "Hello Chris"\n  GET\nENDP<end_of_turn>\n',
     ]
