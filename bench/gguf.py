@@ -105,15 +105,21 @@ def bench_model(model: str) -> dict:
     }
 
 
+def table(header: list[str], rows: list[list], text_columns: int = 2) -> str:
+    """A Markdown table; the first `text_columns` left-aligned, the others (numbers) right-aligned."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * text_columns + "---:|" * (len(header) - text_columns)]
+    return "\n".join(lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows])
+
+
 def markdown(results: list[dict]) -> str:
-    lines = ["| model (fp16 checkpoint) | step | wall (s) | peak RSS (MiB) | output (MB) |", "|---|---|---:|---:|---:|"]
-    for result in results:
-        lines += [
-            f"| {result['model']} ({result['checkpoint_mb']} MB) | {r['step']} | {r['wall_s']} | {r['peak_rss_mib']} "
-            f"| {r['mb']} |"
+    return table(
+        ["model (fp16 checkpoint)", "step", "wall (s)", "peak RSS (MiB)", "output (MB)"],
+        [
+            [f"{result['model']} ({result['checkpoint_mb']} MB)", r["step"], r["wall_s"], r["peak_rss_mib"], r["mb"]]
+            for result in results
             for r in result["steps"]
-        ]
-    return "\n".join(lines)
+        ],
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

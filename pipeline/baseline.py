@@ -21,7 +21,7 @@ from pipeline.evidence import BASELINE, decoding, measure, write_baseline
 from pipeline.params import load_params
 from pipeline.prompts import read_base_answers
 
-PARAMS = ("gate.max_new_tokens", "gate.seed")
+PARAMS = ("gate.max_new_tokens", "gate.seed", "gate.probe_max_tokens")
 log = get_logger("baseline")
 
 
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         work = len(cases) + sum(1 for c in cases if c.reference) + len(probes)
         with tqdm(total=work, desc="baseline", unit="item") as bar:
-            measured = measure(model, cases, probes, gate.max_new_tokens, bar.update)
+            measured = measure(model, cases, probes, gate, bar.update)
     finally:
         model.close()
     write_baseline(args.out, measured, cases, probes, decoding(gate))

@@ -105,21 +105,50 @@ _QWEN3_END_TRAINED = (
 )
 
 
+def edited(template: str, edits: tuple[tuple[str, str], ...], changed: str) -> str:
+    """`template` with each (old, new) replaced; each old text must be found exactly once, else the template is
+    not the one the edit was written for and `changed` says what moved."""
+    for old, _ in edits:
+        if template.count(old) != 1:
+            raise PipelineError(f"{changed} is not where it was")
+    for old, new in edits:
+        template = template.replace(old, new)
+    return template
+
+
 def qwen3_thinking_off() -> str:
     """Qwen3's template (as TRL stores the checkpoints') with thinking off unless enable_thinking is true."""
-    original = trl_template("qwen3")()
-    if original.count(QWEN3_THINKS_BY_DEFAULT) != 1:
-        raise PipelineError("Qwen3's chat template changed: its enable_thinking switch is not where it was")
-    return original.replace(QWEN3_THINKS_BY_DEFAULT, QWEN3_THINKING_OFF)
+    edit = ((QWEN3_THINKS_BY_DEFAULT, QWEN3_THINKING_OFF),)
+    return edited(trl_template("qwen3")(), edit, "Qwen3's chat template changed: its enable_thinking switch")
 
 
 def qwen3_training() -> str:
     """qwen3_thinking_off with {% generation %} around each assistant turn after its header (TRL's own
     variant adds <think> blocks to earlier turns, so it does not render like the shipped template)."""
-    shipped = qwen3_thinking_off()
-    if shipped.count(_QWEN3_ASSISTANT) != 1 or shipped.count(_QWEN3_END) != 1:
-        raise PipelineError("Qwen3's chat template changed: its assistant turn is not where it was")
-    return shipped.replace(_QWEN3_ASSISTANT, _QWEN3_ASSISTANT_TRAINED).replace(_QWEN3_END, _QWEN3_END_TRAINED)
+    edits = ((_QWEN3_ASSISTANT, _QWEN3_ASSISTANT_TRAINED), (_QWEN3_END, _QWEN3_END_TRAINED))
+    return edited(qwen3_thinking_off(), edits, "Qwen3's chat template changed: its assistant turn")
+
+
+# Llama-3.1's template: every turn but tool calls is one expression; the training variant writes the header
+# first and marks the assistant's trimmed content and <|eot_id|> (TRL has no Llama-3.1 variant).
+_LLAMA31_TURN = (
+    "        {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim + "
+    "'<|eot_id|>' }}\n"
+)
+_LLAMA31_TURN_TRAINED = (
+    "        {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}\n"
+    "        {%- if message['role'] == 'assistant' %}\n"
+    "            {%- generation %}{{- message['content'] | trim + '<|eot_id|>' }}{%- endgeneration %}\n"
+    "        {%- else %}\n"
+    "            {{- message['content'] | trim + '<|eot_id|>' }}\n"
+    "        {%- endif %}\n"
+)
+
+
+def llama31_training() -> str:
+    """Llama-3.1's template (as TRL stores the checkpoints') with {% generation %} around each answer."""
+    edit = ((_LLAMA31_TURN, _LLAMA31_TURN_TRAINED),)
+    return edited(trl_template("llama3_1")(), edit, "Llama-3.1's chat template changed: its message turn")
 
 
 # Chat family (pipeline/ollama_template.py FAMILIES) -> its Jinja, for a base that ships no chat template
@@ -131,6 +160,9 @@ CHAT_TEMPLATES: dict[str, Callable[[], str]] = {
     "llama2": lambda: LLAMA2_CHAT_TEMPLATE,
     "llama3": trl_template("llama3"),
     "qwen3": qwen3_thinking_off,
+    "llama3.1": trl_template("llama3_1"),
+    "phi3": trl_template("phi3"),
+    "phi3.5": trl_template("phi3_5"),
     "gemma": trl_template("gemma3"),
 }
 # (a checkpoint's template, the one the pipeline trains and serves it with: same text, another default)
@@ -140,6 +172,7 @@ SERVING_VARIANTS: tuple[tuple[Callable[[], str], Callable[[], str]], ...] = (
 # (shipped template, its training variant), read when needed (from TRL's files)
 LAZY_TRAINING_TEMPLATES: tuple[tuple[Callable[[], str], Callable[[], str]], ...] = (
     (qwen3_thinking_off, qwen3_training),
+    (trl_template("llama3_1"), llama31_training),
 )
 
 

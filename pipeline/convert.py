@@ -5,10 +5,10 @@
 
 Written with the PyPI `gguf` package (gguf-py), with the keys and tensor layout of llama.cpp's own
 convert_hf_to_gguf.py for the architectures of pipeline.gguf_arch (Llama, Mistral, Qwen2, Qwen3,
-Gemma 2, Gemma 3 text): hyperparameters, rope, q/k rows permuted for llama.cpp's rope where upstream
-does, Gemma's norms stored as 1 + w, 1-D tensors in f32, tied embeddings (no output.weight), the
-tokenizer (pipeline.gguf_vocab). Every check runs before the file is opened; tensors are then read
-(memory-mapped) and written one at a time, so peak memory stays near the largest tensor, and the
+Gemma 2, Gemma 3 text, Phi-3): hyperparameters, rope, q/k rows permuted for llama.cpp's rope where
+upstream does, Gemma's norms stored as 1 + w, 1-D tensors in f32, tied embeddings (no output.weight),
+the tokenizer (pipeline.gguf_vocab). Every check runs before the file is opened; tensors are then
+read (memory-mapped) and written one at a time, so peak memory stays near the largest tensor, and the
 file appears only once complete.
 """
 
@@ -49,7 +49,7 @@ REQUIRED_HPARAMS = (
     "num_attention_heads", "rms_norm_eps", "vocab_size",
 )  # fmt: skip
 # HF rope type -> what llama.cpp needs besides rope_theta (None: nothing).
-ROPE_TYPES = {"default": None, "linear": "linear", "yarn": "yarn", "llama3": "rope_freqs"}
+ROPE_TYPES = {"default": None, "linear": "linear", "yarn": "yarn", "llama3": "rope_freqs", "longrope": "rope_factors"}
 
 log = get_logger("convert")
 
@@ -147,13 +147,34 @@ def rope_freqs(rope: dict[str, Any], head_dim: int) -> np.ndarray:
     return torch.tensor(factors, dtype=torch.float32).numpy()
 
 
+def phi3_rope_dims(hparams: dict[str, Any], rope: dict[str, Any]) -> int:
+    """Phi-3's rotated dimensions per head (upstream: int(partial_rotary_factor * n_embd) // n_head)."""
+    return int(rope.get("partial_rotary_factor", 1.0) * hparams["hidden_size"]) // hparams["num_attention_heads"]
+
+
+def longrope_factors(hparams: dict[str, Any], rope: dict[str, Any]) -> tuple[float, np.ndarray, np.ndarray]:
+    """(attention factor, long factors, short factors) of Phi-3's longrope, as upstream's Phi3MiniModel."""
+    long, short = rope.get("long_factor"), rope.get("short_factor")
+    half = phi3_rope_dims(hparams, rope) / 2
+    if not long or not short or len(long) != half or len(short) != half:
+        raise PipelineError(
+            f"config.json: longrope needs long_factor and short_factor of {half:g} values each (half the rotated "
+            f"dimensions), got {len(long or [])} and {len(short or [])}"
+        )
+    original = rope["original_max_position_embeddings"]
+    scale = hparams["max_position_embeddings"] / original
+    attention = math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1.0 else 1.0
+    return attention, np.array(long, dtype=np.float32), np.array(short, dtype=np.float32)
+
+
 def rope_parameters(hparams: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
     """(rope parameters with rope_theta, what llama.cpp needs for the rope type); transformers 5
     keeps them in rope_parameters, 4.x in rope_scaling + rope_theta."""
     rope = dict(hparams.get("rope_parameters") or hparams.get("rope_scaling") or {})
     rope = dict(rope.get("full_attention", rope))  # per layer type (Gemma 3): the global layers', as upstream
-    if "rope_theta" not in rope and hparams.get("rope_theta") is not None:
-        rope["rope_theta"] = hparams["rope_theta"]
+    for key in ("rope_theta", "partial_rotary_factor", "original_max_position_embeddings"):  # mirrored, as upstream
+        if key not in rope and hparams.get(key) is not None:
+            rope[key] = hparams[key]
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in ROPE_TYPES:
         raise PipelineError(f"unsupported rope type {rope_type!r} (supported: {', '.join(ROPE_TYPES)})")
@@ -205,6 +226,17 @@ def plan_tensors(
         head_dim = hparams.get("head_dim") or hparams["hidden_size"] // n_head
         factors = rope_freqs(rope, head_dim)
         add(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", lambda: factors, factors.shape)
+    elif rope_extra == "rope_factors" and architecture.phi3 and rope.get("long_factor"):
+        # upstream writes the attention factor while it plans these tensors: before the general.* keys
+        attention, long, short = longrope_factors(hparams, rope)
+        writer.add_rope_scaling_attn_factors(attention)
+        for tensor, factors in (
+            (gguf.MODEL_TENSOR.ROPE_FACTORS_LONG, long),
+            (gguf.MODEL_TENSOR.ROPE_FACTORS_SHORT, short),
+        ):
+            add(gguf.TENSOR_NAMES[tensor] + ".weight", lambda factors=factors: factors, factors.shape)
+    elif rope_extra == "rope_factors":
+        raise PipelineError(f"rope type longrope: written for Phi3ForCausalLM only, not {hparams['architectures'][0]}")
 
     rows = None
     for hf_name, local in source_tensors(model_dir).items():
@@ -239,10 +271,12 @@ def add_hparams(
     writer: gguf.GGUFWriter, hparams: dict[str, Any], file_type: gguf.LlamaFileType, architecture: Architecture
 ) -> None:
     """The <arch>.* keys, in upstream's order (TextModel.set_gguf_parameters, then LlamaModel's or Gemma3Model's;
-    Gemma2Model's own)."""
+    Gemma2Model's and Phi3MiniModel's own)."""
     if architecture.gemma == 2:
         add_gemma2_hparams(writer, hparams, file_type)
         return
+    if architecture.phi3:
+        return add_phi3_hparams(writer, hparams, file_type)
     writer.add_block_count(hparams["num_hidden_layers"])
     writer.add_context_length(hparams["max_position_embeddings"])
     writer.add_embedding_length(hparams["hidden_size"])
@@ -289,15 +323,20 @@ def add_hparams(
             writer.add_sliding_window(hparams["sliding_window"])
 
 
+def add_attention_heads(writer: gguf.GGUFWriter, hparams: dict[str, Any]) -> None:
+    """Head counts and the RMSNorm epsilon, consecutive in Gemma2Model's and Phi3MiniModel's own key orders."""
+    writer.add_head_count(hparams["num_attention_heads"])
+    writer.add_head_count_kv(hparams["num_key_value_heads"])
+    writer.add_layer_norm_rms_eps(hparams["rms_norm_eps"])
+
+
 def add_gemma2_hparams(writer: gguf.GGUFWriter, hparams: dict[str, Any], file_type: gguf.LlamaFileType) -> None:
     """Gemma2Model.set_gguf_parameters: no rope base (llama.cpp's default is Gemma 2's), soft-capping, window."""
     writer.add_context_length(hparams["max_position_embeddings"])
     writer.add_embedding_length(hparams["hidden_size"])
     writer.add_block_count(hparams["num_hidden_layers"])
     writer.add_feed_forward_length(hparams["intermediate_size"])
-    writer.add_head_count(hparams["num_attention_heads"])
-    writer.add_head_count_kv(hparams["num_key_value_heads"])
-    writer.add_layer_norm_rms_eps(hparams["rms_norm_eps"])
+    add_attention_heads(writer, hparams)
     writer.add_key_length(hparams["head_dim"])
     writer.add_value_length(hparams["head_dim"])
     writer.add_file_type(file_type)
@@ -306,8 +345,41 @@ def add_gemma2_hparams(writer: gguf.GGUFWriter, hparams: dict[str, Any], file_ty
     writer.add_sliding_window(hparams["sliding_window"])
 
 
-def add_general(writer: gguf.GGUFWriter, model_dir: Path, model_name: str | None) -> None:
-    """general.* from the model card, config and generation config (gguf.Metadata, as upstream)."""
+def add_phi3_hparams(writer: gguf.GGUFWriter, hparams: dict[str, Any], file_type: gguf.LlamaFileType) -> None:
+    """The phi3.* keys, in upstream's order (Phi3MiniModel.set_gguf_parameters, which replaces TextModel's)."""
+    rope, _ = rope_parameters(hparams)
+    if rope.get("original_max_position_embeddings") is None:
+        raise PipelineError("config.json: Phi-3 needs original_max_position_embeddings (upstream reads it)")
+    writer.add_context_length(hparams["max_position_embeddings"])
+    writer.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+    writer.add_embedding_length(hparams["hidden_size"])
+    writer.add_feed_forward_length(hparams["intermediate_size"])
+    writer.add_block_count(hparams["num_hidden_layers"])
+    add_attention_heads(writer, hparams)
+    writer.add_rope_dimension_count(phi3_rope_dims(hparams, rope))
+    writer.add_rope_freq_base(rope["rope_theta"])
+    writer.add_file_type(file_type)
+    writer.add_sliding_window(hparams.get("sliding_window") or 0)  # 0: none (upstream tells Phi-4 apart by it)
+
+
+def check_phi3_name(model_dir: Path, name: str) -> None:
+    """llama.cpp strips whitespace after Phi-3's special tokens, as its tokenizer does (rstrip), only for a
+    model whose general.name says phi3 (llama-vocab.cpp); another name would serve prompts whose tokens
+    training never saw."""
+    path = model_dir / "tokenizer.json"
+    added = json.loads(path.read_text(encoding="utf-8")).get("added_tokens", []) if path.is_file() else []
+    stripping = [token["content"] for token in added if token.get("rstrip") and token.get("special")]
+    if stripping and not any(word in name.lower() for word in ("phi3", "phi-3")):
+        raise PipelineError(
+            f"{model_dir}: Phi-3's tokenizer strips whitespace after {stripping[0]} and its other special tokens; "
+            f"llama.cpp does so only when general.name contains 'phi3' or 'phi-3', and it would be {name!r}: set "
+            f"convert.model_name (params.yaml) to a name with phi3 in it"
+        )
+
+
+def add_general(writer: gguf.GGUFWriter, model_dir: Path, model_name: str | None) -> str:
+    """general.* from the model card, config and generation config (gguf.Metadata, as upstream); returns
+    general.name."""
     total, shared, expert, experts = writer.get_total_parameter_count()
     metadata = gguf.Metadata.load(None, model_dir, model_name, total)
     generation = gguf.Metadata.load_generation_config(model_dir)
@@ -318,6 +390,7 @@ def add_general(writer: gguf.GGUFWriter, model_dir: Path, model_name: str | None
         metadata.size_label = gguf.size_label(total, shared, expert, experts)
     writer.add_type(gguf.GGUFType.MODEL)
     metadata.set_gguf_meta_model(writer)
+    return metadata.name
 
 
 def convert(model_dir: Path, out: Path, params: ConvertParams) -> dict[str, Any]:
@@ -335,12 +408,16 @@ def convert(model_dir: Path, out: Path, params: ConvertParams) -> dict[str, Any]
         raise PipelineError(
             f"{model_dir}: the embeddings have {rows} rows but config.vocab_size is {hparams['vocab_size']}"
         )
-    add_general(writer, model_dir, params.model_name)
+    name = add_general(writer, model_dir, params.model_name)
+    if ARCHITECTURES[architecture].phi3:
+        check_phi3_name(model_dir, name)
     add_hparams(writer, hparams, file_type, ARCHITECTURES[architecture])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     # Gemma: SentencePiece without a dummy prefix, which upstream writes after the vocabulary
     space_prefix = False if ARCHITECTURES[architecture].gemma else None
-    vocab = add_vocab_to_gguf(writer, model_dir, rows, hparams["vocab_size"], space_prefix)
+    vocab = add_vocab_to_gguf(
+        writer, model_dir, rows, hparams["vocab_size"], space_prefix, phi3=ARCHITECTURES[architecture].phi3
+    )
     parameters = writer.get_total_parameter_count()[0]
     n_tensors = sum(len(t) for t in writer.tensors)
 

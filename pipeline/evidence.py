@@ -39,16 +39,16 @@ class Measurement:
 
 
 def measure(
-    model: Evaluator, cases: list[Case], probes: list[BaseAnswer], max_new_tokens: int, progress: Callable[[int], None]
+    model: Evaluator, cases: list[Case], probes: list[BaseAnswer], gate: GateParams, progress: Callable[[int], None]
 ) -> Measurement:
-    answers = model.answers([c.messages() for c in cases], max_new_tokens, progress)
-    referenced = [case for case in cases if case.reference]
-    nll = model.nll([c.messages() for c in referenced], [c.reference for c in referenced], progress)
-    probe_nll = model.nll([p.messages() for p in probes], [p.answer for p in probes], progress)
+    conversations = [case.messages() for case in cases]
+    answers, nll = model.cases(conversations, [case.reference for case in cases], gate.max_new_tokens, progress)
+    probe_answers = [p.answer for p in probes]
+    probe_nll = model.nll([p.messages() for p in probes], probe_answers, progress, gate.probe_max_tokens)
     return Measurement(
         name=model.name,
         answers={case.id: answer.text for case, answer in zip(cases, answers, strict=True)},
-        nll={case.id: round(value, 4) for case, value in zip(referenced, nll, strict=True)},
+        nll={case.id: round(value, 4) for case, value in zip(cases, nll, strict=True) if value is not None},
         probe_nll={probe.id: round(value, 4) for probe, value in zip(probes, probe_nll, strict=True)},
     )
 
@@ -67,7 +67,7 @@ def score(cases: list[Case], measured: Measurement) -> Evidence:
 
 def decoding(gate: GateParams) -> dict:
     """The gate params a measurement depends on (the rules' thresholds do not change what is measured)."""
-    return {"max_new_tokens": gate.max_new_tokens, "seed": gate.seed}
+    return {"max_new_tokens": gate.max_new_tokens, "seed": gate.seed, "probe_max_tokens": gate.probe_max_tokens}
 
 
 def _digest(value: object) -> str:

@@ -263,7 +263,7 @@ def run_gate(
         model = load()
         try:
             with tqdm(total=work, desc=f"gate {name}", unit="item") as bar:
-                evidence[name] = score(cases, measure(model, cases, probes, gate.max_new_tokens, bar.update))
+                evidence[name] = score(cases, measure(model, cases, probes, gate, bar.update))
         finally:
             model.close()
         lost = forgetting(evidence["before"], evidence[name])

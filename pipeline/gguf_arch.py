@@ -16,7 +16,11 @@ before training, an architecture that convert could not write.
 - `gemma`: the Gemma key set, after the common ones: 2 (Gemma2Model: its own key order without rope
   base, attention and final logit soft-capping, sliding window) or 3 (Gemma3Model: the sliding layers'
   rope base, the final soft-capping when set, the sliding window); 0 for the others. Gemma's
-  vocabulary also sets add_space_prefix false (SentencePiece without a dummy prefix).
+  vocabulary also sets add_space_prefix false (SentencePiece without a dummy prefix);
+- `phi3`: upstream's Phi3MiniModel: its own hyperparameter keys (not TextModel's: the original context
+  length, rope dimensions from partial_rotary_factor, the sliding window, 0 when unset), longrope's
+  short/long factors as rope_factors_* tensors with their attention factor, and its own SentencePiece
+  vocabulary (every added token of tokenizer.json overrides the piece at its id; no add_space_prefix).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ class Architecture:
     completes_head_dim: bool
     norm_shift: bool = False
     gemma: int = 0
+    phi3: bool = False
 
 
 LLAMA = Architecture(gguf.MODEL_ARCH.LLAMA, permute_qk=True, llama_keys=True, completes_head_dim=True)
@@ -54,6 +59,10 @@ ARCHITECTURES = {
     ),
     "Gemma3ForCausalLM": Architecture(
         gguf.MODEL_ARCH.GEMMA3, permute_qk=False, llama_keys=False, completes_head_dim=True, norm_shift=True, gemma=3
+    ),
+    # Phi-3/3.5 mini: fused qkv_proj and gate_up_proj are tensors of the name map (attn_qkv, ffn_up), as upstream
+    "Phi3ForCausalLM": Architecture(
+        gguf.MODEL_ARCH.PHI3, permute_qk=False, llama_keys=False, completes_head_dim=False, phi3=True
     ),
 }
 

@@ -49,6 +49,9 @@ PRE_TOKENIZERS = {
 PRE_TOKENIZER_DEFINITIONS = {
     # NFC, Qwen's regex split (Isolated), ByteLevel without prefix space: Qwen2/2.5/3 (transformers' Qwen2Tokenizer)
     "f64ce79efdd97727e8943eeb2749e209c6559130bb7d7faf0497f2362ea6f884": "qwen2",
+    # no normalizer, Llama-3's regex split (Isolated), ByteLevel without prefix space: Llama-3/3.1/3.2 as Meta's
+    # conversion writes them (transformers' TikTokenConverter)
+    "0b203869fced33203d17c133c3b3bb0e54e41e8ef4730e07ea9ade11879b840e": "llama-bpe",
 }
 
 # Added tokens that upstream marks CONTROL even when the tokenizer does not call them special.
@@ -89,10 +92,12 @@ def _too_many_tokens(size: int, rows: int) -> PipelineError:
     )
 
 
-def sentencepiece_vocab(model_dir: Path, rows: int) -> Vocab:
+def sentencepiece_vocab(model_dir: Path, rows: int, phi3: bool = False) -> Vocab:
     """`tokenizer.model` pieces, then added tokens, then placeholders up to `rows` (upstream's
     _create_vocab_sentencepiece, plus tokenizer.json's added tokens: transformers >= 5 no longer
-    writes added_tokens_decoder into tokenizer_config.json, and upstream then writes `[PAD<id>]`)."""
+    writes added_tokens_decoder into tokenizer_config.json, and upstream then writes `[PAD<id>]`).
+    `phi3`: upstream's Phi3MiniModel reads tokenizer.json itself: every added token there, inside the
+    model too, takes its id (control if special, else user-defined, as written), score ADDED_SCORE."""
     from sentencepiece import SentencePieceProcessor
 
     processor = SentencePieceProcessor()
@@ -118,13 +123,13 @@ def sentencepiece_vocab(model_dir: Path, rows: int) -> Vocab:
     ]
     config = _read_json(model_dir / "tokenizer_config.json")
     added += [(int(i), d["content"], d.get("special")) for i, d in config.get("added_tokens_decoder", {}).items()]
-    # ids inside the SentencePiece model keep its own types, as upstream, except its user-defined pieces
-    # (NORMAL to the processor; Gemma's <start_of_turn>): tokenizer.json says what they are, as
-    # tokenizer_config.json did before transformers 5 (else llama.cpp would split them into pieces)
+    # ids inside the SentencePiece model keep its own types, as upstream (not Phi-3's), except its
+    # user-defined pieces (NORMAL to the processor; Gemma's <start_of_turn>): tokenizer.json says what
+    # they are, as tokenizer_config.json did before transformers 5 (else llama.cpp would split them)
     added += [
         (d["id"], d["content"], d.get("special"))
         for d in _read_json(model_dir / "tokenizer.json").get("added_tokens", [])
-        if d["id"] >= base or (d["id"] < rows and types[d["id"]] == NORMAL)
+        if phi3 or d["id"] >= base or (d["id"] < rows and types[d["id"]] == NORMAL)
     ]
     size = max([base, *(i + 1 for i, _, _ in added)])
     if size > rows:
@@ -133,6 +138,8 @@ def sentencepiece_vocab(model_dir: Path, rows: int) -> Vocab:
     for i, text, special in added:
         if special is None:  # added_tokens.json: user-defined, as upstream
             kind = USER_DEFINED
+        elif phi3:
+            kind = CONTROL if special else USER_DEFINED
         elif special or looks_special(text):
             kind = CONTROL
         else:
@@ -213,32 +220,52 @@ def bpe_vocab(model_dir: Path, rows: int) -> Vocab:
 def special_vocab(model_dir: Path, n_vocab: int | None, load_merges: bool):
     """gguf-py's SpecialVocab (special ids, add-BOS/EOS flags, chat template, merges), with the rule
     newer upstream gguf-py adds: a ByteLevel post-processor means "adds neither BOS nor EOS" unless
-    another post-processor step says otherwise."""
+    another post-processor step says otherwise. And one of ours: for SentencePiece, a TemplateProcessing
+    post-processor of the text alone means "adds no BOS" (transformers 5 writes Phi-3's so and drops its add_bos_token
+    false; upstream then writes no flag, and llama.cpp's SentencePiece default would add a BOS that
+    training never saw)."""
     import gguf
 
     special = gguf.SpecialVocab(model_dir, load_merges=load_merges, n_vocab=n_vocab)
     post = _read_json(model_dir / "tokenizer.json").get("post_processor") or {}
-    if any(step.get("type") == "ByteLevel" for step in post.get("processors", [post])):
+    steps = [step.get("type") for step in post.get("processors", [post])]
+    singles = [
+        step.get("single") for step in post.get("processors", [post]) if step.get("type") == "TemplateProcessing"
+    ]
+    sentencepiece = not load_merges  # llama.cpp's SentencePiece default is to add a BOS
+    if sentencepiece and singles and all(len(single) == 1 and "Sequence" in single[0] for single in singles):
         special.add_special_token.setdefault("bos", False)
-        special.add_special_token.setdefault("eos", False)
+    if "ByteLevel" in steps:
+        flags = special.add_special_token
+        flags.setdefault("bos", False)
+        flags.setdefault("eos", False)
+        if steps[0] == "ByteLevel":  # upstream meets it first (Llama-3's Sequence): bos and eos are its first flags
+            special.add_special_token = {"bos": flags.pop("bos"), "eos": flags.pop("eos"), **flags}
     return special
 
 
 def add_vocab_to_gguf(
-    writer, model_dir: Path, rows: int, config_vocab_size: int, space_prefix: bool | None = None
+    writer,
+    model_dir: Path,
+    rows: int,
+    config_vocab_size: int,
+    space_prefix: bool | None = None,
+    phi3: bool = False,
 ) -> Vocab:
     """Write every tokenizer key; raise PipelineError (before any file is written) if the vocabulary
     cannot match the embeddings. `rows` = embedding rows; `space_prefix`, when given, is the
-    architecture's add_space_prefix (written last, as upstream's Gemma models do)."""
+    architecture's add_space_prefix (written last, as upstream's Gemma models do); `phi3`: as
+    upstream's Phi3MiniModel writes it."""
     config = _read_json(model_dir / "tokenizer_config.json")
     if (model_dir / "tokenizer.model").is_file():
-        vocab = sentencepiece_vocab(model_dir, rows)
+        vocab = sentencepiece_vocab(model_dir, rows, phi3)
     elif (model_dir / "tokenizer.json").is_file():
         vocab = bpe_vocab(model_dir, rows)
     else:
         raise PipelineError(f"{model_dir}: no tokenizer (tokenizer.model or tokenizer.json)")
 
-    if space_prefix is None and (prefix := config.get("add_prefix_space")) is not None:
+    # LlamaModel's key, not Phi3MiniModel's; an architecture's own space_prefix replaces it
+    if space_prefix is None and not phi3 and (prefix := config.get("add_prefix_space")) is not None:
         writer.add_add_space_prefix(prefix)
     writer.add_tokenizer_model(vocab.model)
     writer.add_tokenizer_pre(vocab.pre)

@@ -99,6 +99,38 @@ GEMMA_TEMPLATE = (
     "{{- end }}<start_of_turn>model\n"
 )
 
+# Llama-3.1 instruct as Hugging Face ships it, without tools (a request with tools is not served by this
+# TEMPLATE): a system turn always, with the date header of its template (date_string's default, 26 Jul
+# 2024) and the conversation's first system message; every other message as Llama-3's turns.
+LLAMA31_DATE_HEADER = "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n"
+LLAMA31_TEMPLATE = (
+    "<|start_header_id|>system<|end_header_id|>\n"
+    "\n"
+    f"{LLAMA31_DATE_HEADER}"
+    '{{ range $i, $m := .Messages }}{{ if and (eq $i 0) (eq $m.Role "system") }}{{ $m.Content }}{{ end }}{{ end }}'
+    "<|eot_id|>\n"
+    "{{- range $i, $m := .Messages }}\n"
+    '{{- if not (and (eq $i 0) (eq $m.Role "system")) }}<|start_header_id|>{{ $m.Role }}<|end_header_id|>\n'
+    "\n"
+    "{{ $m.Content }}<|eot_id|>\n"
+    "{{- end }}\n"
+    "{{- end }}<|start_header_id|>assistant<|end_header_id|>\n"
+    "\n"
+)
+# Phi-3 mini as Hugging Face ships it: system, user and assistant turns (other roles are not written), each
+# closed by <|end|>; Phi-3.5's leaves out a system message without content.
+PHI3_TEMPLATE = (
+    "{{- range .Messages }}\n"
+    '{{- if eq .Role "system" "user" "assistant" }}<|{{ .Role }}|>\n'
+    "{{ .Content }}<|end|>\n"
+    "{{ end }}\n"
+    "{{- end }}<|assistant|>\n"
+)
+PHI35_TEMPLATE = PHI3_TEMPLATE.replace(
+    '{{- if eq .Role "system" "user" "assistant" }}',
+    '{{- if or (eq .Role "user" "assistant") (and (eq .Role "system") .Content) }}',
+)
+
 
 @dataclass(frozen=True)
 class _Row:
@@ -109,6 +141,9 @@ class _Row:
 
 
 CHATML_STOP = ("<|im_start|>", "<|im_end|>")
+PHI3_STOP = ("<|end|>", "<|system|>", "<|user|>", "<|assistant|>")
+# Ollama's for Llama-3 and 3.1 (<|eom_id|>, the end of an ipython turn, is end-of-generation in llama.cpp itself)
+LLAMA3_STOP = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
 # First matching row wins, so a specific variant comes before its general form. Stop lists are
 # Ollama's own (template/<name>.json).
 FAMILIES: tuple[_Row, ...] = (
@@ -126,9 +161,20 @@ FAMILIES: tuple[_Row, ...] = (
     ),
     _Row(
         ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
-        ChatFamily("llama3", LLAMA3_TEMPLATE, ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")),
+        ChatFamily("llama3", LLAMA3_TEMPLATE, LLAMA3_STOP),
         excludes=("Cutting Knowledge Date",),  # not Llama-3.1+'s: its date header is not rendered here
     ),
+    _Row(
+        ("<|start_header_id|>", "<|eot_id|>", "Cutting Knowledge Date: December 2023", '"26 Jul 2024"'),
+        ChatFamily("llama3.1", LLAMA31_TEMPLATE, LLAMA3_STOP),
+        # not Llama-3.2's: it writes today's date (strftime_now), which no TEMPLATE can promise to match
+        excludes=("strftime_now",),
+    ),
+    _Row(
+        ("<|user|>", "<|assistant|>", "<|end|>", "message['role'] == 'system' and message['content']"),
+        ChatFamily("phi3.5", PHI35_TEMPLATE, PHI3_STOP),
+    ),
+    _Row(("<|user|>", "<|assistant|>", "<|end|>"), ChatFamily("phi3", PHI3_TEMPLATE, PHI3_STOP)),
     # Gemma 3's (the system folded in); not Gemma/Gemma 2's, which refuses a system message
     _Row(
         ("<start_of_turn>", "first_user_prefix"),

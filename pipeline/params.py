@@ -237,6 +237,9 @@ class GateParams:
     keep_max_nll_rise: float = field(default=0.25, metadata=NON_NEGATIVE)
     # ...and the base's own answers to the general probes (stage base_answers) by at most this: forgetting.
     max_forgetting: float = field(default=0.25, metadata=NON_NEGATIVE)
+    # The probes' likelihood is taken over the first this many tokens of each base answer: they carry what
+    # the answer says (a long answer's tail follows from its own start), at half the cost of 128.
+    probe_max_tokens: int = field(default=64, metadata=POSITIVE)
     # A case whose keyword score differs between the fine-tuned variants (merged, GGUFs) while their
     # reference NLLs agree within this is unstable: greedy noise, not a different model.
     unstable_nll_tolerance: float = field(default=0.1, metadata=NON_NEGATIVE)

@@ -48,7 +48,9 @@ log = get_logger("sweep")
 # read by pipeline/gate.py main (an entry point: not importable from here)
 GATE_NO_FAIL = "LLM_GITOPS_GATE_NO_FAIL"
 REPORTS = Path("reports/sweep")
-POLL_S = 5.0
+# each poll starts a `dvc queue status` process (≈1 s of CPU): on a 2-core rig every 5 s took a tenth of the
+# training; points run for minutes, so the progress lines can be 15 s late
+POLL_S = 15.0
 UNFINISHED = ("Queued", "Running")
 TASK_LINE = re.compile(r"^(?P<task>[0-9a-f]{7,})\s+(?P<name>\S+)\s+.*\s(?P<status>\w+)$")
 WORKER_LINE = re.compile(r"^Worker status: (?P<active>\d+) active, (?P<idle>\d+) idle$", re.MULTILINE)
@@ -105,7 +107,10 @@ def stop_workers() -> None:
 
 
 def shown(rev: str = "HEAD") -> list[dict]:
-    return json.loads(dvc("exp", "show", "--json", "--rev", rev) or "[]")
+    # the commit, not the name: DVC resolves `--rev HEAD` to the refs/exps/exec/EXEC_* commit an earlier
+    # queue run left behind, and then shows another commit's experiments
+    commit = git("rev-parse", "--verify", f"{rev}^{{commit}}").strip()
+    return json.loads(dvc("exp", "show", "--json", "--rev", commit) or "[]")
 
 
 def _minutes(seconds: float) -> str:

@@ -64,9 +64,9 @@ def test_an_architecture_convert_cannot_write_stops_base_before_any_weights_are_
     line = one_error_line(run_base(tmp_path, model))
     assert line == (
         f"error: base.model '{model}': unsupported architecture GPT2LMHeadModel: convert writes Gemma2ForCausalLM, "
-        "Gemma3ForCausalLM, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM; to add one, "
-        "give it a row in ARCHITECTURES (pipeline/gguf_arch.py) after what llama.cpp's convert_hf_to_gguf.py "
-        "writes for it"
+        "Gemma3ForCausalLM, LlamaForCausalLM, MistralForCausalLM, Phi3ForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM; "
+        "to add one, give it a row in ARCHITECTURES (pipeline/gguf_arch.py) after what llama.cpp's "
+        "convert_hf_to_gguf.py writes for it"
     )
     assert not (tmp_path / "out").exists()
 
@@ -78,8 +78,8 @@ def test_a_chat_template_without_an_ollama_template_stops_base(family_merged, tm
     line = one_error_line(run_base(tmp_path, model))
     assert line.startswith(
         f"error: base.model '{model}': no Ollama TEMPLATE for this chat template (known families: chatml-smollm2, "
-        "qwen2.5, qwen3, chatml, llama2, llama3, gemma); add a row to FAMILIES in pipeline/ollama_template.py with "
-        "markers found in it, the Go TEMPLATE and the stop list. Its start: "
+        "qwen2.5, qwen3, chatml, llama2, llama3, llama3.1, phi3.5, phi3, gemma); add a row to FAMILIES in "
+        "pipeline/ollama_template.py with markers found in it, the Go TEMPLATE and the stop list. Its start: "
     )
     assert not (tmp_path / "out").exists()
 
@@ -89,7 +89,8 @@ def test_a_pretrained_base_without_a_chat_template_needs_base_chat_template(fami
     line = one_error_line(run_base(tmp_path / "without", model))
     assert line == (
         f"error: base.model '{model}' ships no chat template (a pretrained base): set base.chat_template to the chat "
-        "family to train and serve it with (chatml, chatml-smollm2, qwen2.5, llama2, llama3, qwen3, gemma)"
+        "family to train and serve it with (chatml, chatml-smollm2, qwen2.5, llama2, llama3, qwen3, llama3.1, phi3, "
+        "phi3.5, gemma)"
     )
 
     from trl.chat_template_utils import qwen2_5_chat_template
@@ -103,7 +104,7 @@ def test_base_chat_template_must_name_a_chat_family():
         parse_params("base:\n  model: tiny\n  chat_template: vicuna\n")
     assert str(error.value) == (
         "invalid params:\n  params.yaml:3: base.chat_template: must be null or a chat family (chatml, "
-        "chatml-smollm2, qwen2.5, llama2, llama3, qwen3, gemma), got 'vicuna'"
+        "chatml-smollm2, qwen2.5, llama2, llama3, qwen3, llama3.1, phi3, phi3.5, gemma), got 'vicuna'"
     )
     assert parse_params("base:\n  chat_template: llama2\n").base.chat_template == "llama2"
 
@@ -120,6 +121,22 @@ def test_a_qwen3_base_is_carried_with_thinking_off_unless_asked(family_merged, t
     written = (tmp_path / "out" / "chat_template.jinja").read_text()
     assert written == qwen3_thinking_off() and written != qwen3_chat_template
     assert "chat family qwen3 (TEMPLATE proven on" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("name", "chat_family", "architecture", "shipped"),
+    [
+        ("llama3", "llama3.1", "LlamaForCausalLM", "llama3_1_chat_template"),
+        ("phi3", "phi3.5", "Phi3ForCausalLM", "phi3_5_chat_template"),
+    ],
+)
+def test_a_base_of_each_new_family_is_carried_with_its_own_template(
+    name, chat_family, architecture, shipped, family_merged, tmp_path
+):
+    from trl import chat_template_utils
+
+    result = run_base(tmp_path, family_merged(name))  # its template unchanged
+    assert_carried_with(result, tmp_path / "out", getattr(chat_template_utils, shipped), architecture, chat_family)
 
 
 def test_a_pretrained_gemma_base_is_given_the_gemma_family_by_base_chat_template(family_merged, tmp_path):

@@ -376,8 +376,8 @@ def test_an_unsupported_architecture_is_one_clear_error(tiny_merged, tmp_path):
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert (
         "error: unsupported architecture GPT2LMHeadModel: convert writes Gemma2ForCausalLM, Gemma3ForCausalLM, "
-        "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM; to add one, give it a row in "
-        "ARCHITECTURES (pipeline/gguf_arch.py) after what llama.cpp's convert_hf_to_gguf.py writes for it\n"
+        "LlamaForCausalLM, MistralForCausalLM, Phi3ForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM; to add one, give "
+        "it a row in ARCHITECTURES (pipeline/gguf_arch.py) after what llama.cpp's convert_hf_to_gguf.py writes for it\n"
         in result.stderr
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
@@ -434,8 +434,8 @@ def test_conversion_streams_tensors_so_memory_stays_far_below_the_model_size(smo
 def test_output_is_replaced_only_when_complete(tiny_merged, tmp_path):
     out = tmp_path / "model.gguf"
     out.write_bytes(b"previous")
-    bad = model_copy(tiny_merged, tmp_path / "bad", rope_parameters={"rope_type": "longrope", "rope_theta": 1e4})
-    with pytest.raises(PipelineError, match="unsupported rope type 'longrope'"):
+    bad = model_copy(tiny_merged, tmp_path / "bad", rope_parameters={"rope_type": "dynamic", "rope_theta": 1e4})
+    with pytest.raises(PipelineError, match="unsupported rope type 'dynamic'"):
         convert(bad, out, ConvertParams())
     assert out.read_bytes() == b"previous"
     convert(tiny_merged, out, ConvertParams())

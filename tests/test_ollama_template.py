@@ -129,16 +129,27 @@ def first_style_tiny(tiny_merged):
 
 @pytest.fixture(scope="module")
 def family_tokenizers(
-    tiny_tokenizer, smollm2_tokenizer, llama3_model, qwen2_tokenizer, qwen3_tokenizer, gemma3_tokenizer
+    tiny_tokenizer,
+    smollm2_tokenizer,
+    llama3_model,
+    qwen2_tokenizer,
+    qwen3_tokenizer,
+    llama31_tokenizer,
+    phi3_tokenizer,
+    phi3_mini_tokenizer,
+    gemma3_tokenizer,
 ) -> dict:
     return {
-        "gemma": gemma3_tokenizer,
         "llama2": tiny_tokenizer,
         "chatml-smollm2": smollm2_tokenizer,
         "qwen2.5": qwen2_tokenizer,
         "qwen3": qwen3_tokenizer,
         "chatml": with_template(smollm2_tokenizer, CHATML_CHAT_TEMPLATE),
         "llama3": llama3_model[0],
+        "llama3.1": llama31_tokenizer,
+        "phi3.5": phi3_tokenizer,
+        "phi3": phi3_mini_tokenizer,
+        "gemma": gemma3_tokenizer,
     }
 
 
@@ -165,6 +176,9 @@ def test_the_families_cover_chatml_qwen25_llama2_and_llama3_with_ollamas_stop_li
         "chatml": ("<|im_start|>", "<|im_end|>"),
         "llama2": ("[INST]", "[/INST]", "<<SYS>>", "<</SYS>>"),
         "llama3": ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+        "llama3.1": ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+        "phi3.5": ("<|end|>", "<|system|>", "<|user|>", "<|assistant|>"),
+        "phi3": ("<|end|>", "<|system|>", "<|user|>", "<|assistant|>"),
         "gemma": ("<end_of_turn>", "<start_of_turn>", "<eos>"),
     }
 
@@ -174,8 +188,9 @@ def test_an_unknown_chat_template_is_an_error_naming_the_row_to_add(smollm2_toke
         family_for(with_template(smollm2_tokenizer, GEMMA_JINJA))
     assert str(error.value).startswith(
         "no Ollama TEMPLATE for this chat template (known families: chatml-smollm2, qwen2.5, qwen3, chatml, llama2, "
-        "llama3, gemma); add a row to FAMILIES in pipeline/ollama_template.py with markers found in it, the Go "
-        'TEMPLATE and the stop list. Its start: "{{ bos_token }}{% for message in messages %}<start_of_turn>'
+        "llama3, llama3.1, phi3.5, phi3, gemma); add a row to FAMILIES in pipeline/ollama_template.py with markers "
+        "found in it, the Go TEMPLATE and the stop list. Its start: "
+        '"{{ bos_token }}{% for message in messages %}<start_of_turn>'
     )
     with pytest.raises(PipelineError, match="the tokenizer has no chat template"):
         family_for(with_template(smollm2_tokenizer, None))
@@ -190,7 +205,7 @@ def test_each_base_chat_template_choice_is_recognised_as_the_family_it_names(nam
     ("trl_name", "what"),
     [
         ("qwen3", "Qwen3's <think> block"),
-        ("llama3_1", "Llama-3.1's date header"),
+        ("llama3_2", "Llama-3.2's date of today"),
         ("gemma", "Gemma 2's template, which refuses a system message"),
     ],
 )
@@ -348,6 +363,60 @@ def test_qwen_token_ids_match_llama_cpp_on_the_tiny_qwen_ggufs(
     assert vocabulary.add_bos is False and family_tokenizers[name].bos_token is None  # Qwen has no BOS
     vocabulary.close()
     check_parity(family_tokenizers[name], family(name), conversations, system, gguf)
+
+
+@pytest.mark.parametrize("system", [None, MODELFILE_SYSTEM], ids=["no-SYSTEM", "SYSTEM"])
+def test_llama31_token_ids_match_llama_cpp_on_the_tiny_llama3_gguf(
+    system, llama31_tokenizer, family_gguf, conversations
+):
+    from pipeline.llama_runtime import LlamaVocab
+
+    gguf = family_gguf("llama3").out
+    vocabulary = LlamaVocab(gguf)
+    assert vocabulary.add_bos is True  # llama.cpp writes <|begin_of_text|>, the TEMPLATE does not
+    vocabulary.close()
+    check_parity(llama31_tokenizer, family("llama3.1"), conversations, system, gguf)
+
+
+@pytest.mark.parametrize("system", [None, MODELFILE_SYSTEM], ids=["no-SYSTEM", "SYSTEM"])
+@pytest.mark.parametrize("name", ["phi3.5", "phi3"])
+def test_phi3_token_ids_match_llama_cpp_on_the_tiny_phi3_gguf(
+    name, system, family_tokenizers, family_gguf, conversations
+):
+    from pipeline.llama_runtime import LlamaVocab
+
+    gguf = family_gguf("phi3").out
+    vocabulary = LlamaVocab(gguf)
+    assert vocabulary.add_bos is False  # as the tokenizer (convert writes the flag; see test_families)
+    vocabulary.close()
+    check_parity(family_tokenizers[name], family(name), conversations, system, gguf)
+
+
+def test_phi35_leaves_out_a_system_message_without_content_and_phi3_writes_it():
+    from pipeline.go_template import render_prompt
+
+    empty = [{"role": "system", "content": ""}, {"role": "user", "content": "Hi"}]
+    assert render_prompt(family("phi3.5").template, empty) == "<|user|>\nHi<|end|>\n<|assistant|>\n"
+    assert render_prompt(family("phi3").template, empty) == "<|system|>\n<|end|>\n<|user|>\nHi<|end|>\n<|assistant|>\n"
+
+
+def test_the_llama31_template_writes_the_date_header_with_the_first_system_message_and_later_ones_as_turns():
+    from pipeline.go_template import render_prompt
+
+    header = (
+        "<|start_header_id|>system<|end_header_id|>\n\n"
+        + "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n"
+    )
+    assert render_prompt(family("llama3.1").template, MULTI_TURN[1:2]) == (
+        f"{header}<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nPrint Hello Chris in OPL.<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
+    later = [*MULTI_TURN[1:2], {"role": "system", "content": "Be brief."}, *MULTI_TURN[3:4]]
+    assert render_prompt(family("llama3.1").template, later, system="From the Modelfile.").startswith(
+        f"{header}From the Modelfile.<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nPrint Hello Chris in OPL.<|eot_id|>"
+        "<|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
+    )
 
 
 @pytest.mark.parametrize("system", [None, MODELFILE_SYSTEM], ids=["no-SYSTEM", "SYSTEM"])

@@ -116,6 +116,17 @@ def test_the_ranking_is_deterministic_and_follows_the_gate_numbers(scratch, swep
     assert keys == sorted(keys)
 
 
+def test_show_ranks_this_commits_sweep_whatever_commit_dvc_left_in_its_exec_refs(scratch, swept):
+    """DVC resolves `dvc exp show --rev HEAD` to refs/exps/exec/EXEC_BASELINE when an earlier queue run
+    left that ref on another commit; the sweep asks for HEAD's commit by its hash."""
+    other = ok(["git", "commit-tree", "HEAD^{tree}", "-m", "another commit"], scratch).strip()
+    ok(["git", "update-ref", "refs/exps/exec/EXEC_BASELINE", other], scratch)
+    try:
+        assert len(show(scratch)) == 4
+    finally:
+        ok(["git", "update-ref", "-d", "refs/exps/exec/EXEC_BASELINE"], scratch)
+
+
 def test_a_leftover_queue_is_refused_not_run_silently(scratch, swept):
     # the sweep stopped its worker: nothing picks up an experiment queued after it
     assert "Worker status: 0 active, 0 idle" in ok(["dvc", "queue", "status"], scratch)

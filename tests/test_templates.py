@@ -23,7 +23,17 @@ def trained_runs(ids: list[int], trained: list[bool]) -> list[list[int]]:
 
 @pytest.mark.parametrize(
     "tokenizer_fixture",
-    [f"{name}_tokenizer" for name in ("tiny", "smollm2", "qwen2", "qwen3", "gemma2", "gemma3")],
+    [
+        "tiny_tokenizer",
+        "smollm2_tokenizer",
+        "qwen2_tokenizer",
+        "qwen3_tokenizer",
+        "llama31_tokenizer",
+        "phi3_tokenizer",
+        "phi3_mini_tokenizer",
+        "gemma2_tokenizer",
+        "gemma3_tokenizer",
+    ],
 )
 def test_training_template_renders_every_conversation_of_the_dataset_like_the_shipped_one(
     request, tokenizer_fixture, dataset_conversations
@@ -95,6 +105,24 @@ def test_qwen3_trains_the_last_answer_after_its_empty_think_block_and_earlier_on
         'PROC main:\n  PRINT "Hello Chris"\nENDP<|im_end|>',
         '<think>\n\n</think>\n\nPROC main:\n  PRINT "Hello Chris"\n  GET\nENDP<|im_end|>',
     ]
+
+
+def test_llama31_trains_each_answer_and_its_eot_id_after_the_header(llama31_tokenizer):
+    """TRL has no Llama-3.1 training variant: ours marks the trimmed content and <|eot_id|> of each answer."""
+    training = training_template(llama31_tokenizer)
+    encoded = llama31_tokenizer.apply_chat_template(
+        MULTI_TURN, chat_template=training, return_dict=True, return_assistant_tokens_mask=True
+    )
+    shipped = llama31_tokenizer.apply_chat_template(MULTI_TURN, return_dict=True)["input_ids"]
+    assert encoded["input_ids"] == shipped
+    runs = trained_runs(encoded["input_ids"], [bool(m) for m in encoded["assistant_masks"]])
+    assert [llama31_tokenizer.decode(run) for run in runs] == [
+        'PROC main:\n  PRINT "Hello Chris"\nENDP<|eot_id|>',
+        'PROC main:\n  PRINT "Hello Chris"\n  GET\nENDP<|eot_id|>',
+    ]
+    for run in runs:  # each right after its untrained header
+        start = next(i for i in range(len(shipped)) if shipped[i : i + len(run)] == run)
+        assert llama31_tokenizer.decode(shipped[:start]).endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
 
 
 def test_gemma_assistant_mask_covers_each_answer_and_its_end_of_turn_exactly(gemma3_tokenizer):
