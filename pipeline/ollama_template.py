@@ -83,6 +83,21 @@ LLAMA3_TEMPLATE = (
     "{{- end }}<|start_header_id|>assistant<|end_header_id|>\n"
     "\n"
 )
+# Gemma 3 (TRL's gemma3.jinja, as its checkpoints ship it): no system turn, the system message folded into
+# the first user turn followed by a blank line; the assistant is "model".
+GEMMA_TEMPLATE = (
+    '{{- $system := "" }}\n'
+    "{{- range .Messages }}\n"
+    '{{- if eq .Role "system" }}{{ $system = .Content }}\n'
+    '{{- else if eq .Role "user" }}<start_of_turn>user\n'
+    "{{ if $system }}{{ $system }}\n"
+    "\n"
+    '{{ $system = "" }}{{ end }}{{ .Content }}<end_of_turn>\n'
+    "{{ else }}<start_of_turn>model\n"
+    "{{ .Content }}<end_of_turn>\n"
+    "{{ end }}\n"
+    "{{- end }}<start_of_turn>model\n"
+)
 
 # Llama-3.1 instruct as Hugging Face ships it, without tools (a request with tools is not served by this
 # TEMPLATE): a system turn always, with the date header of its template (date_string's default, 26 Jul
@@ -160,6 +175,11 @@ FAMILIES: tuple[_Row, ...] = (
         ChatFamily("phi3.5", PHI35_TEMPLATE, PHI3_STOP),
     ),
     _Row(("<|user|>", "<|assistant|>", "<|end|>"), ChatFamily("phi3", PHI3_TEMPLATE, PHI3_STOP)),
+    # Gemma 3's (the system folded in); not Gemma/Gemma 2's, which refuses a system message
+    _Row(
+        ("<start_of_turn>", "first_user_prefix"),
+        ChatFamily("gemma", GEMMA_TEMPLATE, ("<end_of_turn>", "<start_of_turn>", "<eos>")),
+    ),
 )
 
 

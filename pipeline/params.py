@@ -94,7 +94,7 @@ CHAT_FAMILY = {
 
 @dataclass(frozen=True)
 class BaseParams:
-    # smollm2 | tiny | a hub id (org/name) | a local directory
+    # smollm2 | gemma3-270m (opt-in: make gemma) | tiny | a hub id (org/name) | a local directory
     model: str = "smollm2"
     revision: str | None = None
     trust_remote_code: bool = False

@@ -31,8 +31,9 @@ CONFIG = {
 }
 
 
-def train_sentencepiece(texts: list[str]) -> bytes:
-    """A BPE SentencePiece model trained on `texts`; single-threaded so the result is reproducible."""
+def train_sentencepiece(texts: list[str], **options) -> bytes:
+    """A BPE SentencePiece model trained on `texts`; single-threaded so the result is reproducible.
+    `options` replace trainer settings (another family's special ids, its dummy prefix)."""
     import sentencepiece as spm
 
     from pipeline.common import PipelineError
@@ -40,9 +41,7 @@ def train_sentencepiece(texts: list[str]) -> bytes:
     if not any(text.strip() for text in texts):
         raise PipelineError("tiny: no text to train its tokenizer on (the training data is empty)")
     model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(texts),
-        model_writer=model,
+    settings = dict(
         model_type="bpe",
         vocab_size=VOCAB_SIZE,
         byte_fallback=True,
@@ -60,6 +59,7 @@ def train_sentencepiece(texts: list[str]) -> bytes:
         shuffle_input_sentence=False,
         minloglevel=2,
     )
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_writer=model, **(settings | options))
     return model.getvalue()
 
 

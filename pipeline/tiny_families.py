@@ -4,7 +4,8 @@ Like pipeline.tiny, but one row of FAMILIES per architecture: its transformers c
 tokens and chat template its real checkpoints ship, and a tokenizer of the real kind trained on the
 given texts: byte-level BPE with Qwen's pre-tokenizer (through transformers' own Qwen2Tokenizer), or
 with Llama-3's (the tokenizer.json Meta's conversion writes: transformers' TikTokenConverter); or, for
-Phi-3, a SentencePiece model (pipeline.tiny's) under transformers' LlamaTokenizer with Phi-3's added tokens.
+Phi-3, a SentencePiece model (pipeline.tiny's) under transformers' LlamaTokenizer with Phi-3's added tokens;
+for Gemma a SentencePiece BPE model with Gemma's special ids, through transformers' GemmaTokenizer.
 No download: the vocabulary is learned here; the chat template is the one TRL stores for that family
 (identical to the checkpoints'). Weights are random from a fixed seed, with biases and norm weights
 drawn too (transformers initialises them to 0 and 1, which would hide a wrong layout).
@@ -34,9 +35,13 @@ class TinyFamily:
     specials: tuple[str, ...]  # added after the BPE vocabulary, in the checkpoints' order
     tokens: dict[str, str | None]  # bos / eos / pad / unk as the checkpoints' tokenizer_config.json names them
     chat_template: Callable[[], str]
-    tokenizer: str  # its kind: "qwen2" | "llama3" | "phi3" (TOKENIZERS)
+    tokenizer: str  # its kind: "qwen2" | "llama3" | "phi3" | "gemma" (TOKENIZERS)
     config_bos: str  # the token config.json's bos_token_id names
     rows: int | None = None  # embedding rows when the checkpoints pad them beyond the tokenizer (Phi-3)
+    # Gemma scales its (tied) input embeddings by sqrt(hidden): a random model's residual stream then echoes
+    # the input token, so greedy decoding repeats it. Embeddings drawn 5x smaller and the final norm's
+    # scale around 9 give varied greedy tokens and logits that spread out (about ±9).
+    scaled_embeddings: bool = False
 
 
 QWEN_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
@@ -61,6 +66,48 @@ _QWEN_SIZES = {
     # wide enough that logits spread out (about ±10) and greedy decoding varies: a real test of the layout
     "initializer_range": 0.1,
 }
+
+# Gemma's SentencePiece layout: <pad> <eos> <bos> <unk> first, then its user-defined pieces (the real
+# vocabulary has them at 4, 106 and 107 among others); no dummy prefix (llama.cpp: add_space_prefix false).
+GEMMA_SPECIALS = ("<mask>", "<start_of_turn>", "<end_of_turn>")
+GEMMA_SENTENCEPIECE = {
+    "pad_id": 0, "eos_id": 1, "bos_id": 2, "unk_id": 3,
+    "pad_piece": "<pad>", "eos_piece": "<eos>", "bos_piece": "<bos>", "unk_piece": "<unk>",
+    "user_defined_symbols": list(GEMMA_SPECIALS), "add_dummy_prefix": False,
+}  # fmt: skip
+GEMMA_TOKENS = {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>"}
+_GEMMA_SIZES = {
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 32,
+    # llama.cpp scales queries by 1/sqrt(head_dim) (1/sqrt(hidden/heads) for 27B only): the checkpoints' value
+    "query_pre_attn_scalar": 32,
+    "max_position_embeddings": 1024,
+    "rms_norm_eps": 1e-6,
+    # Shorter than the tests' probe (85 tokens), so that the window is part of what is compared; longer than
+    # their chat through Ollama (33), whose v0.11.4 engine lets a sliding layer see one token more (its
+    # kvcache/causal.go masks positions < pos - window; Gemma, HF and llama.cpp: <= pos - window).
+    "sliding_window": 48,
+    "tie_word_embeddings": True,
+    "initializer_range": 0.1,
+}
+
+
+def gemma(name: str, config: dict[str, Any]) -> TinyFamily:
+    """A Gemma row: Gemma's SentencePiece tokens and Gemma 3's chat template (the one family `gemma`)."""
+    return TinyFamily(
+        name,
+        config,
+        GEMMA_SPECIALS,
+        GEMMA_TOKENS,
+        trl_template("gemma3"),
+        "gemma",
+        "<bos>",
+        scaled_embeddings=True,
+    )
+
 
 FAMILIES = {
     # Qwen2 / Qwen2.5: q/k/v biases; Qwen2.5-Instruct's ChatML with its default system message.
@@ -108,6 +155,37 @@ FAMILIES = {
         trl_template("llama3_1"),
         "llama3",
         "<|begin_of_text|>",
+    ),
+    # Gemma 2: every norm stored as 1 + w, attention and final logit soft-capping, sliding window on every
+    # other layer; 26 layers (Gemma 2 2B's count): Ollama v0.11.4's llama.cpp knows only 26, 42 and 46 and
+    # aborts on any other (llm_build_gemma2: its query scale per model type). Its checkpoints' own template
+    # refuses a system message; the tiny one ships Gemma 3's, which folds it into the first user turn (our
+    # data has system messages).
+    "gemma2": gemma(
+        "gemma2",
+        {
+            "architectures": ["Gemma2ForCausalLM"],
+            "model_type": "gemma2",
+            **_GEMMA_SIZES,
+            "num_hidden_layers": 26,
+            "attn_logit_softcapping": 50.0,
+            "final_logit_softcapping": 30.0,
+        },
+    ),
+    # Gemma 3 text: per-head q/k norms, five sliding-window layers (local rope base) to one global (6 layers:
+    # llama.cpp's fixed pattern), no soft-capping.
+    "gemma3": gemma(
+        "gemma3",
+        {
+            "architectures": ["Gemma3ForCausalLM"],
+            "model_type": "gemma3_text",
+            **_GEMMA_SIZES,
+            "num_hidden_layers": 6,
+            "rope_parameters": {
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                "full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+            },
+        },
     ),
 }
 
@@ -239,12 +317,31 @@ def phi3_tokenizer(spec: TinyFamily, texts: list[str], out: Path):
     return tokenizer
 
 
+def gemma_tokenizer(spec: TinyFamily, texts: list[str], out: Path):
+    """tokenizer.model learned from `texts` with Gemma's layout (written to `out`, which convert reads),
+    loaded by transformers' GemmaTokenizer, its turn tokens special."""
+    from tokenizers import AddedToken
+    from transformers import AutoTokenizer
+
+    from pipeline.tiny import train_sentencepiece
+
+    (out / "tokenizer.model").write_bytes(train_sentencepiece(texts, **GEMMA_SENTENCEPIECE))
+    config = {"tokenizer_class": "GemmaTokenizer", **spec.tokens, "add_bos_token": True, "add_eos_token": False}
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    # special, as the checkpoints' tokenizer.json has them (the conversion from tokenizer.model does not say)
+    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in spec.specials], special_tokens=True)
+    tokenizer.init_kwargs.pop("vocab_file", None)  # the path it was read from, not part of the tokenizer
+    return tokenizer
+
+
 # tokenizer kind -> (family, texts, directory for files besides the HF ones) -> the HF tokenizer, special tokens
 # added, before the family's tokens are set
 TOKENIZERS: dict[str, Callable[[TinyFamily, list[str], Path], Any]] = {
     "qwen2": qwen2_tokenizer,
     "llama3": llama3_tokenizer,
     "phi3": phi3_tokenizer,
+    "gemma": gemma_tokenizer,
 }
 
 
@@ -264,7 +361,8 @@ def build_tokenizer(name: str, texts: list[str], out: Path):
 
 
 def build_model(name: str, tokenizer):
-    """Random weights of the family's architecture, from SEED; biases and norms drawn as well."""
+    """Random weights of the family's architecture, from SEED; biases and norms drawn as well, around
+    transformers' own initial values (norm weights 1, or 0 where the norm scales by 1 + w: Gemma)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -281,8 +379,11 @@ def build_model(name: str, tokenizer):
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     generator = torch.Generator().manual_seed(SEED)
     with torch.no_grad():
-        for name_, parameter in model.named_parameters():
+        for parameter in model.parameters():
             if parameter.dim() == 1:
                 noise = torch.randn(parameter.shape, generator=generator) * 0.1
-                parameter.copy_(noise + (1.0 if name_.endswith("norm.weight") else 0.0))
+                parameter.add_(noise)
+        if spec.scaled_embeddings:
+            model.model.embed_tokens.weight.mul_(0.2)
+            model.model.norm.weight.add_(8.0)
     return model

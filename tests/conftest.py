@@ -275,23 +275,26 @@ def family_gguf(family_merged, tmp_path_factory) -> Callable[[str], Run]:
     return get
 
 
+def family_tokenizer(family_merged: Callable[[str], Path], name: str):
+    """The HF tokenizer of the tiny family model `name`, as merge saved it."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(family_merged(name))
+
+
 @pytest.fixture(scope="session")
 def qwen2_tokenizer(family_merged):
     """The tiny Qwen2's tokenizer: byte-level BPE, Qwen2.5-Instruct's template (TRL has its training variant)."""
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(family_merged("qwen2"))
+    return family_tokenizer(family_merged, "qwen2")
 
 
 @pytest.fixture(scope="session")
 def qwen3_tokenizer(family_merged):
     """The tiny Qwen3's tokenizer with the template the pipeline trains and serves it with (thinking off
     unless asked), as stage base gives it."""
-    from transformers import AutoTokenizer
-
     from pipeline.chat_templates import serving_template
 
-    tokenizer = AutoTokenizer.from_pretrained(family_merged("qwen3"))
+    tokenizer = family_tokenizer(family_merged, "qwen3")
     tokenizer.chat_template = serving_template(tokenizer.chat_template)
     return tokenizer
 
@@ -299,17 +302,13 @@ def qwen3_tokenizer(family_merged):
 @pytest.fixture(scope="session")
 def llama31_tokenizer(family_merged):
     """The tiny Llama-3.1's tokenizer: Meta's byte-level BPE kind, BOS added, Llama-3.1's template (date header)."""
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(family_merged("llama3"))
+    return family_tokenizer(family_merged, "llama3")
 
 
 @pytest.fixture(scope="session")
 def phi3_tokenizer(family_merged):
     """The tiny Phi-3's tokenizer: SentencePiece with Phi-3's added tokens, no BOS added, Phi-3.5's template."""
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(family_merged("phi3"))
+    return family_tokenizer(family_merged, "phi3")
 
 
 @pytest.fixture(scope="session")
@@ -322,3 +321,16 @@ def phi3_mini_tokenizer(phi3_tokenizer):
     tokenizer = copy.deepcopy(phi3_tokenizer)
     tokenizer.chat_template = CHAT_TEMPLATES["phi3"]()
     return tokenizer
+
+
+@pytest.fixture(scope="session")
+def gemma2_tokenizer(family_merged):
+    """The tiny Gemma 2's tokenizer: SentencePiece (tokenizer.model), Gemma 3's template (system folded in)."""
+    return family_tokenizer(family_merged, "gemma2")
+
+
+@pytest.fixture(scope="session")
+def gemma3_tokenizer(family_merged):
+    """The tiny Gemma 3's tokenizer: SentencePiece (tokenizer.model), Gemma 3's chat template (TRL has its
+    training variant)."""
+    return family_tokenizer(family_merged, "gemma3")

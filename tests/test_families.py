@@ -1,9 +1,11 @@
-"""Families beyond Llama (Qwen2/2.5, Qwen3): tiny models of each, with Llama's proofs.
+"""Families beyond Llama (Qwen2/2.5, Qwen3, Llama-3.1, Phi-3, Gemma 2, Gemma 3 text): tiny models of each,
+with Llama's proofs.
 
-Each tiny model (pipeline/tiny_families.py: byte-level BPE learned from our data with Qwen's own
-pre-tokenizer, the family's real chat template, random weights) goes through stage convert and
-through llama.cpp's own convert_hf_to_gguf.py: the files must be equal key for key and byte for
-byte; llama.cpp must compute the HF model's logits and tokenize like the HF tokenizer.
+Each tiny model (pipeline/tiny_families.py: a tokenizer of the family's kind learned from our data, byte-level
+BPE with Qwen's or Llama-3's pre-tokenizer, or a SentencePiece model (Phi-3's, or with Gemma's layout); the
+family's real chat template, random weights) goes through stage convert and through llama.cpp's own
+convert_hf_to_gguf.py: the files must be equal key for key and byte for byte; llama.cpp must compute the HF
+model's logits and tokenize like the HF tokenizer.
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ from tests.test_convert import (
 )
 
 FAMILIES = list(tiny_families.FAMILIES)
+GEMMAS = [name for name in FAMILIES if name.startswith("gemma")]
+# the families whose added tokens follow the vocabulary (Gemma's user-defined pieces are inside it)
+APPENDED = [name for name in FAMILIES if name not in GEMMAS]
 # |Δlogit| allowed between llama.cpp on the f16 GGUF and HF on the same fp16 weights (llama.cpp also rounds
 # activations to f16 for its matrix products: about 0.01 on logits of ±5 here)
 TOLERANCE = 0.05
@@ -57,7 +62,7 @@ def test_the_tiny_tokenizers_are_rebuilt_byte_identically_from_the_same_texts(fa
     for name in ("one", "two"):
         tiny_families.build_tokenizer(family, texts, tmp_path / name)
     files = sorted(p.name for p in (tmp_path / "one").iterdir())
-    sentencepiece = ["tokenizer.model"] if family == "phi3" else []
+    sentencepiece = ["tokenizer.model"] if tiny_families.FAMILIES[family].tokenizer in ("phi3", "gemma") else []
     assert files == ["chat_template.jinja", "tokenizer.json", *sentencepiece, "tokenizer_config.json"]
     assert all((tmp_path / "one" / f).read_bytes() == (tmp_path / "two" / f).read_bytes() for f in files)
 
@@ -75,7 +80,7 @@ PRE_TOKENIZER = {"qwen2": "qwen2", "qwen3": "qwen2", "llama3": "llama-bpe", "phi
 BASE_TOKENS = {"qwen2": None, "qwen3": None, "llama3": None, "phi3": 512}
 
 
-@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("name", APPENDED)
 def test_each_tiny_model_has_its_familys_layout(name, family_merged, contents):
     from transformers import AutoTokenizer
 
@@ -133,6 +138,42 @@ def test_llama3s_pre_tokenizer_is_named_by_its_definition_as_metas_conversion_wr
     assert pre_tokenizer(saved) == "llama-bpe" and saved.model.ignore_merges  # as llama.cpp's llama-bpe runs it
 
 
+@pytest.mark.parametrize("name", GEMMAS)
+def test_each_tiny_gemma_has_its_familys_layout(name, family_merged, contents):
+    from safetensors.numpy import load_file
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(family_merged(name))
+    assert len(tokenizer) == tiny_families.VOCAB_SIZE
+    # Gemma's SentencePiece layout: <pad> <eos> <bos> <unk>, then its user-defined pieces, all special
+    assert tokenizer.convert_ids_to_tokens(list(range(7))) == [
+        "<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>"
+    ]  # fmt: skip
+    assert {"<start_of_turn>", "<end_of_turn>"} <= set(tokenizer.all_special_tokens)
+    assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token) == ("<bos>", "<eos>", "<pad>")
+    keys, tensors = contents(name)
+    assert keys["general.architecture"] == name and "output.weight" not in tensors  # tied embeddings
+    assert (keys["tokenizer.ggml.model"], keys["tokenizer.ggml.pre"]) == ("llama", "default")
+    assert keys["tokenizer.ggml.add_space_prefix"] is False and keys["tokenizer.ggml.add_bos_token"] is True
+    # the user-defined pieces are control tokens, as the tokenizer says (llama.cpp would split them otherwise)
+    assert keys["tokenizer.ggml.token_type"][4:7] == [3, 3, 3] and keys["tokenizer.ggml.scores"][5] == -1000.0
+    # every norm holds 1 + w (Gemma's RMSNorm scales by 1 + w, llama.cpp's by the weight)
+    weights = load_file(family_merged(name) / "model.safetensors")
+    stored = tensors["blk.0.ffn_norm.weight"][2].view(np.float32)
+    hf = weights["model.layers.0.pre_feedforward_layernorm.weight"]
+    assert abs(float(hf.mean())) < 0.05 and np.array_equal(stored, (hf + np.float16(1)).astype(np.float32))
+    post_norms = ("blk.0.post_attention_norm.weight", "blk.0.post_ffw_norm.weight")  # Gemma's norms after each sublayer
+    assert [tensors[norm][:2] for norm in post_norms] == [("F32", (128,))] * 2
+    assert keys[f"{name}.attention.sliding_window"] == 48 and keys[f"{name}.attention.key_length"] == 32
+    if name == "gemma2":  # attention and final logit soft-capping, no rope base (llama.cpp's default is Gemma 2's)
+        assert (keys["gemma2.attn_logit_softcapping"], keys["gemma2.final_logit_softcapping"]) == (50.0, 30.0)
+        assert "gemma2.rope.freq_base" not in keys and "blk.0.attn_q_norm.weight" not in tensors
+    else:  # per-head q/k norms; the global layers' rope base and the sliding ones'; no soft-capping
+        assert tensors["blk.0.attn_q_norm.weight"][:2] == ("F32", (32,))
+        assert (keys["gemma3.rope.freq_base"], keys["gemma3.rope.freq_base_swa"]) == (1000000.0, 10000.0)
+        assert not any("softcapping" in key for key in keys)
+
+
 def test_qwens_pre_tokenizer_is_named_by_its_definition_as_transformers_builds_it(family_merged):
     """Any Qwen2/2.5/3 tokenizer transformers 5 saves has this definition, whatever its vocabulary."""
     from tokenizers import Tokenizer
@@ -176,7 +217,7 @@ def ids_hash(model_dir) -> str:
     return hashlib.sha256(str(ids).encode()).hexdigest()
 
 
-@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("name", APPENDED)
 def test_f16_gguf_equals_llama_cpp_converters_output(name, family_merged, contents, reference_converter, tmp_path):
     model_dir = family_merged(name)
     # the one registration: upstream knows a pre-tokenizer by the ids of real vocabularies only
@@ -189,6 +230,24 @@ def test_f16_gguf_equals_llama_cpp_converters_output(name, family_merged, conten
         assert (our_keys["tokenizer.ggml.add_bos_token"], "tokenizer.ggml.add_bos_token" in ref_keys) == (False, False)
         our_keys = {key: value for key, value in our_keys.items() if key != "tokenizer.ggml.add_bos_token"}
     assert_same_gguf((our_keys, our_tensors), (ref_keys, ref_tensors))
+
+
+@pytest.mark.parametrize("name", GEMMAS)
+def test_gemma_f16_gguf_equals_llama_cpp_converters_output(
+    name, family_merged, contents, reference_converter, tmp_path
+):
+    ours = contents(name)
+    ref_keys, ref_tensors = read_gguf(run_reference(reference_converter, family_merged(name), tmp_path / "ref.gguf"))
+    # The one intended difference, as for tiny: transformers >= 5 records Gemma's user-defined pieces
+    # (<mask>, <start_of_turn>, <end_of_turn>) as special in tokenizer.json only; upstream reads them from
+    # tokenizer_config.json, so it writes them NORMAL, and its llama.cpp then splits "<start_of_turn>"
+    # of every prompt into pieces.
+    types, scores = "tokenizer.ggml.token_type", "tokenizer.ggml.scores"
+    assert (ref_keys[types][4:7], ref_keys[scores][4:7]) == ([1, 1, 1], [0.0] * 3)  # NORMAL
+    assert (ours[0][types][4:7], ours[0][scores][4:7]) == ([3, 3, 3], [-1000.0] * 3)  # CONTROL, as an added token
+    for key in (types, scores):
+        ref_keys[key][4:7] = ours[0][key][4:7]
+    assert_same_gguf(ours, (ref_keys, ref_tensors))
 
 
 # --- llama.cpp runs it like the HF model ---
@@ -255,7 +314,8 @@ def test_llama_cpp_tokenizes_like_the_hf_tokenizer(name, text, tokenizer_pair):
     hf, cpp = tokenizer_pair(name)
     string = hf.apply_chat_template(MULTI_TURN, tokenize=False) if text == "chat" else TEXTS[text]
     assert cpp.tokenize(string.encode(), add_bos=False, special=True) == hf.encode(string, add_special_tokens=False)
-    # Qwen adds no BOS, Llama-3 does: llama.cpp's add_bos follows the GGUF's flag, the tokenizer's its post-processor
+    # Qwen adds no BOS, Llama-3 and Gemma do: llama.cpp's add_bos follows the GGUF's flag, the tokenizer's its
+    # post-processor
     assert cpp.tokenize(string.encode(), add_bos=True, special=True) == hf.encode(string, add_special_tokens=True)
 
 
@@ -297,7 +357,15 @@ CHAT_OPTIONS = {"temperature": 0, "top_k": 1, "seed": 42, "num_predict": 8, "rep
 
 
 @pytest.mark.parametrize(
-    ("name", "chat_family"), [("qwen2", "qwen2.5"), ("qwen3", "qwen3"), ("llama3", "llama3.1"), ("phi3", "phi3.5")]
+    ("name", "chat_family"),
+    [
+        ("qwen2", "qwen2.5"),
+        ("qwen3", "qwen3"),
+        ("llama3", "llama3.1"),
+        ("phi3", "phi3.5"),
+        ("gemma2", "gemma"),
+        ("gemma3", "gemma"),
+    ],
 )
 def test_ollama_creates_the_tiny_model_and_answers_through_api_chat(
     name, chat_family, ollama, family_merged, family_gguf, tmp_path
@@ -324,8 +392,9 @@ def test_ollama_creates_the_tiny_model_and_answers_through_api_chat(
     prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
     with llama(gguf) as cpp:
         expected = greedy(cpp, prompt, CHAT_OPTIONS["num_predict"])
-        written = cpp.detokenize(expected).decode("utf-8", errors="ignore")  # bytes as llama.cpp writes them
-    assert family.name == chat_family and answer["done"] is True, answer
+        # bytes as llama.cpp writes them, special tokens too (Ollama's answer shows a generated <bos>)
+        written = cpp.detokenize(expected, special=True).decode("utf-8", errors="ignore")
+    assert family.name == chat_family and answer.get("done") is True, (answer, ollama.log.read_text()[-3000:])
     assert answer["prompt_eval_count"] == len(prompt)  # the prompt training would have tokenized, no more
     assert answer["eval_count"] == len(expected) and answer["message"]["content"]
     # llama.cpp's greedy answer, less the pieces of multi-byte characters Ollama drops from its stream

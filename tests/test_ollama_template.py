@@ -137,6 +137,7 @@ def family_tokenizers(
     llama31_tokenizer,
     phi3_tokenizer,
     phi3_mini_tokenizer,
+    gemma3_tokenizer,
 ) -> dict:
     return {
         "llama2": tiny_tokenizer,
@@ -148,6 +149,7 @@ def family_tokenizers(
         "llama3.1": llama31_tokenizer,
         "phi3.5": phi3_tokenizer,
         "phi3": phi3_mini_tokenizer,
+        "gemma": gemma3_tokenizer,
     }
 
 
@@ -177,6 +179,7 @@ def test_the_families_cover_chatml_qwen25_llama2_and_llama3_with_ollamas_stop_li
         "llama3.1": ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
         "phi3.5": ("<|end|>", "<|system|>", "<|user|>", "<|assistant|>"),
         "phi3": ("<|end|>", "<|system|>", "<|user|>", "<|assistant|>"),
+        "gemma": ("<end_of_turn>", "<start_of_turn>", "<eos>"),
     }
 
 
@@ -185,8 +188,9 @@ def test_an_unknown_chat_template_is_an_error_naming_the_row_to_add(smollm2_toke
         family_for(with_template(smollm2_tokenizer, GEMMA_JINJA))
     assert str(error.value).startswith(
         "no Ollama TEMPLATE for this chat template (known families: chatml-smollm2, qwen2.5, qwen3, chatml, llama2, "
-        "llama3, llama3.1, phi3.5, phi3); add a row to FAMILIES in pipeline/ollama_template.py with markers found in "
-        'it, the Go TEMPLATE and the stop list. Its start: "{{ bos_token }}{% for message in messages %}<start_of_turn>'
+        "llama3, llama3.1, phi3.5, phi3, gemma); add a row to FAMILIES in pipeline/ollama_template.py with markers "
+        "found in it, the Go TEMPLATE and the stop list. Its start: "
+        '"{{ bos_token }}{% for message in messages %}<start_of_turn>'
     )
     with pytest.raises(PipelineError, match="the tokenizer has no chat template"):
         family_for(with_template(smollm2_tokenizer, None))
@@ -198,7 +202,12 @@ def test_each_base_chat_template_choice_is_recognised_as_the_family_it_names(nam
 
 
 @pytest.mark.parametrize(
-    ("trl_name", "what"), [("qwen3", "Qwen3's <think> block"), ("llama3_2", "Llama-3.2's date of today")]
+    ("trl_name", "what"),
+    [
+        ("qwen3", "Qwen3's <think> block"),
+        ("llama3_2", "Llama-3.2's date of today"),
+        ("gemma", "Gemma 2's template, which refuses a system message"),
+    ],
 )
 def test_a_template_a_family_only_resembles_is_refused_not_served_with_the_wrong_template(
     trl_name, what, smollm2_tokenizer
@@ -407,6 +416,27 @@ def test_the_llama31_template_writes_the_date_header_with_the_first_system_messa
         f"{header}From the Modelfile.<|eot_id|>"
         "<|start_header_id|>user<|end_header_id|>\n\nPrint Hello Chris in OPL.<|eot_id|>"
         "<|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
+    )
+
+
+@pytest.mark.parametrize("system", [None, MODELFILE_SYSTEM], ids=["no-SYSTEM", "SYSTEM"])
+@pytest.mark.parametrize("model", ["gemma2", "gemma3"])
+def test_gemma_token_ids_match_llama_cpp_on_the_tiny_gemma_ggufs(model, system, family_gguf, conversations, request):
+    from pipeline.llama_runtime import LlamaVocab
+
+    tokenizer, gguf = request.getfixturevalue(f"{model}_tokenizer"), family_gguf(model).out
+    vocabulary = LlamaVocab(gguf)
+    assert vocabulary.add_bos is True  # llama.cpp writes <bos>, the TEMPLATE does not
+    vocabulary.close()
+    assert tokenizer.apply_chat_template(conversations[0], tokenize=False).startswith("<bos><start_of_turn>user\n")
+    check_parity(tokenizer, family("gemma"), conversations, system, gguf)
+
+
+def test_gemma_folds_the_system_message_into_the_first_user_turn():
+    assert render_prompt(family("gemma").template, MULTI_TURN[:4]) == (
+        "<start_of_turn>user\nYou are an OPL expert.\n\nPrint Hello Chris in OPL.<end_of_turn>\n"
+        '<start_of_turn>model\nPROC main:\n  PRINT "Hello Chris"\nENDP<end_of_turn>\n'
+        "<start_of_turn>user\nNow wait for a key.<end_of_turn>\n<start_of_turn>model\n"
     )
 
 

@@ -31,6 +31,8 @@ def trained_runs(ids: list[int], trained: list[bool]) -> list[list[int]]:
         "llama31_tokenizer",
         "phi3_tokenizer",
         "phi3_mini_tokenizer",
+        "gemma2_tokenizer",
+        "gemma3_tokenizer",
     ],
 )
 def test_training_template_renders_every_conversation_of_the_dataset_like_the_shipped_one(
@@ -121,3 +123,17 @@ def test_llama31_trains_each_answer_and_its_eot_id_after_the_header(llama31_toke
     for run in runs:  # each right after its untrained header
         start = next(i for i in range(len(shipped)) if shipped[i : i + len(run)] == run)
         assert llama31_tokenizer.decode(shipped[:start]).endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
+
+
+def test_gemma_assistant_mask_covers_each_answer_and_its_end_of_turn_exactly(gemma3_tokenizer):
+    # TRL's Gemma 3 variant: the "<start_of_turn>model\n" header is a prompt cue, outside the markers
+    tokenizer = gemma3_tokenizer
+    encoded = tokenizer.apply_chat_template(
+        MULTI_TURN, chat_template=training_template(tokenizer), return_dict=True, return_assistant_tokens_mask=True
+    )
+    assert encoded["input_ids"] == tokenizer.apply_chat_template(MULTI_TURN, return_dict=True)["input_ids"]
+    runs = trained_runs(encoded["input_ids"], [bool(m) for m in encoded["assistant_masks"]])
+    assert [tokenizer.decode(run) for run in runs] == [
+        'PROC main:\n  PRINT "Hello Chris"\nENDP<end_of_turn>\n',
+        'PROC main:\n  PRINT "Hello Chris"\n  GET\nENDP<end_of_turn>\n',
+    ]
