@@ -80,11 +80,6 @@ def continuation(
     return reference_ids()[:max_tokens]
 
 
-def mean_nll(log_probs_rows, targets: list[int]) -> float:
-    """Mean of -log p(target) over rows of log-probabilities (one row per predicted position)."""
-    return -sum(float(row[token]) for row, token in zip(log_probs_rows, targets, strict=True)) / len(targets)
-
-
 class HFModel:
     def __init__(self, model_dir: Path, seed: int, name: str):
         import torch
