@@ -91,7 +91,10 @@ def test_unknown_base_model_names_the_param(tmp_path):
         "pipeline.base", "--params", str(params), "--corpus", "data/train.jsonl", "--out", str(tmp_path / "base")
     )
     assert result.returncode == 1
-    assert "error: base.model: 'not a model' is neither smollm2, tiny, a local directory nor a hub id" in result.stderr
+    assert (
+        "error: base.model: 'not a model' is neither smollm2, gemma3-270m, tiny, a local directory nor a hub id"
+        in result.stderr
+    )
 
 
 @pytest.mark.parametrize(
