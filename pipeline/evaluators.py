@@ -21,7 +21,7 @@ Progress = Callable[[int], None]
 # conversations an HF model answers together (left-padded, greedy): generation on CPU is bound by the
 # per-step overhead, so one batch for every gate case is faster (13.8 s -> 11.1 s for 20 cases, same answers)
 HF_ANSWER_BATCH = 32
-HF_NLL_BATCH = 4  # references scored together (right-padded): the logits of a batch are rows x width x vocab
+HF_NLL_BATCH = 4  # references scored together, right-padded and sorted by length (measured best of 1, 2, 4, 8, 16)
 
 
 @dataclass(frozen=True)
