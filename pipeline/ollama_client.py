@@ -38,7 +38,7 @@ JSON_CREATE_API = (0, 5, 5)  # before: /api/create took a Modelfile text ("path 
 GGUF_REWRITTEN = (0, 30, 0)  # from: GGUF imports go through llama-quantize COPY, the model layer's digest changes
 # The releases deploy and rollback are tested against (README "Ollama versions"); the supported range is
 # JSON_CREATE_API and later, a release newer than the newest tested is used with a warning.
-TESTED = ((0, 11, 4),)
+TESTED = ((0, 11, 4), (0, 17, 4))
 PROGRESS_EVERY_S = 5.0
 T = TypeVar("T")
 

@@ -75,8 +75,8 @@ def trusted_ollama(binary: Path, pinned: set[str] = OLLAMA_SHA256) -> bool:
 
 
 # The releases the deploy and rollback tests run against (README "Ollama versions"): OLLAMA_VERSION, which
-# every other test uses, and those OLLAMA_TEST_VERSIONS adds (comma-separated; buildable: 0.17.4, which
-# builds here but whose served check refuses the tiny test model, README "Ollama versions").
+# every other test uses, and those OLLAMA_TEST_VERSIONS adds (comma-separated; buildable and passing: 0.17.4.
+# Not in the default: its first build takes 35 min on 2 cores and needs four headers from GitHub).
 OLLAMA_VERSIONS = tuple(
     dict.fromkeys([OLLAMA_VERSION, *filter(None, os.environ.get("OLLAMA_TEST_VERSIONS", "").split(","))])
 )
@@ -683,18 +683,67 @@ class TinyModel:
     quantization: str  # as Ollama's /api/tags reports it
 
 
+# What the fine-tuned tiny model (v2) answers to PROMPTS: memorised, so each token wins by several nats.
+TRAINED_ANSWERS = {
+    "hello-chris": 'PROC main:\n  PRINT "Hello Chris"\n  GET\nENDP',
+    "wait-key-system": "Use GET: it waits for a key press and returns its code.",
+    "loop": "Use DO ... UNTIL, or WHILE ... ENDWH.",
+    "local-string": "LOCAL name$(20) declares a string of up to 20 characters.",
+}
+TRAIN_STEPS = 150  # full-batch AdamW steps: the loss is below 0.01 from about step 100 (8 s on 2 cores)
+
+
+def fine_tune_tiny(merged: Path, out: Path) -> Path:
+    """The tiny model fine-tuned (all weights, deterministically) until it answers PROMPTS with TRAINED_ANSWERS
+    under its Llama-2 template; saved as stage merge saves. A random model's next tokens win by hundredths of a
+    logit, so another llama.cpp build's q8_0 kernels (Ollama 0.17.4's) pick other tokens than llama-cpp-python;
+    a trained model's do not, as with the real fine-tunes deploy ships."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.vocab import save_tokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(merged)
+    model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
+    rows = []
+    for case_id, system, prompt in PROMPTS:
+        messages = [{"role": "system", "content": system}] if system else []
+        messages.append({"role": "user", "content": prompt})
+        rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        prompt_ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
+        answer_ids = tokenizer(" " + TRAINED_ANSWERS[case_id], add_special_tokens=False)["input_ids"]
+        answer_ids.append(tokenizer.eos_token_id)
+        rows.append((torch.tensor([prompt_ids + answer_ids]), torch.tensor([[-100] * len(prompt_ids) + answer_ids])))
+    torch.manual_seed(0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(TRAIN_STEPS):
+        for input_ids, labels in rows:
+            model(input_ids=input_ids, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    model.to(torch.float16).save_pretrained(out)
+    save_tokenizer(tokenizer, out)
+    shutil.copyfile(merged / "tokenizer.model", out / "tokenizer.model")
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_versions(tiny_merged, tmp_path_factory) -> dict[str, TinyModel]:
-    """Two versions of the tiny model to deploy and roll back between: v1 in f16, v2 in q8_0."""
+    """Two versions of the tiny model to deploy and roll back between: v1 the random model in f16 (f16 answers
+    are the same in every llama.cpp build measured), v2 the fine-tuned one in q8_0."""
     from pipeline.convert import convert
     from pipeline.params import ConvertParams
 
     out = tmp_path_factory.mktemp("tiny-versions")
+    trained = fine_tune_tiny(tiny_merged, out / "trained")
     versions = {}
-    for version, outtype in (("v1", "f16"), ("v2", "q8_0")):
+    for version, model, outtype in (("v1", tiny_merged, "f16"), ("v2", trained, "q8_0")):
         gguf = out / f"model-{outtype}.gguf"
-        convert(tiny_merged, gguf, ConvertParams(outtype=outtype))
+        convert(model, gguf, ConvertParams(outtype=outtype))
         versions[version] = TinyModel(gguf, gate_answers(gguf), outtype.upper())
+    assert versions["v2"].answers["hello-chris"].strip() == TRAINED_ANSWERS["hello-chris"]
     return versions
 
 
@@ -708,6 +757,7 @@ def releases(tiny_versions, tmp_path_factory) -> dict:
 
 
 @pytest.fixture(scope="module")
-def records(tmp_path_factory) -> Path:
-    """A fresh deployment-records file per test module."""
+def records(ollama_binary, tmp_path_factory) -> Path:
+    """A fresh deployment-records file per test module, and per Ollama release where the module runs against
+    each (rollback's work directory sits beside it: one release's downloads must not serve the next's)."""
     return tmp_path_factory.mktemp("records") / "records.jsonl"

@@ -171,7 +171,7 @@ def test_by_hand_ollama_run_answers_and_ollama_push_is_a_no_op(stack, releases):
 
 def test_served_check_rejects_a_template_the_model_was_not_trained_with(stack, tiny_versions, tmp_path, records):
     """The GGUF is the gate's, only the Modelfile TEMPLATE is wrong: Ollama's answers fail the gate's cases."""
-    model = tiny_versions["v2"]
+    model = tiny_versions["v1"]  # the random model: any other prompt than its template's changes its answers
     wrong = write_release(tmp_path, model.gguf, model.answers, template=CHATML_TEMPLATE)
     latest = registry_manifest(stack, "tests/tiny", "latest")[0]
 
@@ -228,7 +228,7 @@ def test_names_are_checked_before_anything_is_sent(stack, releases, records, nam
 def test_an_ollama_older_than_the_json_create_api_is_refused(stack, releases, records):
     stack.ollama_proxy.add(Fault("GET", "^/api/version", "rewrite", rewrite=lambda _: b'{"version":"0.5.4"}'))
 
-    supported = r"0\.5\.5 and later \(tested: 0\.11\.4\)"
+    supported = r"0\.5\.5 and later \(tested: 0\.11\.4, 0\.17\.4\)"
     with pytest.raises(PipelineError, match=rf"runs Ollama 0\.5\.4, below the supported range {supported}: 0\.5\.5 is"):
         deploy(load(releases["v1"]), ["old-ollama"], settings_for(stack, records), GateParams())
     assert stack.ollama_proxy.count("POST", "") == 0
