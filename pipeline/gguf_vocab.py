@@ -98,10 +98,15 @@ def sentencepiece_vocab(model_dir: Path, rows: int, phi3: bool = False) -> Vocab
     writes added_tokens_decoder into tokenizer_config.json, and upstream then writes `[PAD<id>]`).
     `phi3`: upstream's Phi3MiniModel reads tokenizer.json itself: every added token there, inside the
     model too, takes its id (control if special, else user-defined, as written), score ADDED_SCORE."""
-    from sentencepiece import SentencePieceProcessor
+    from sentencepiece import SentencePieceProcessor, sentencepiece_model_pb2
 
+    serialized = (model_dir / "tokenizer.model").read_bytes()
     processor = SentencePieceProcessor()
-    processor.LoadFromFile(str(model_dir / "tokenizer.model"))
+    processor.LoadFromSerializedProto(serialized)
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(serialized)
+    # the processor calls user-defined pieces normal; the model records them (Gemma's runs of spaces)
+    user_defined = {i for i, piece in enumerate(proto.pieces) if piece.type == USER_DEFINED}
     base = processor.vocab_size()
     tokens = [f"[PAD{i}]".encode() for i in range(rows)]
     scores = [PLACEHOLDER_SCORE] * rows
@@ -115,7 +120,7 @@ def sentencepiece_vocab(model_dir: Path, rows: int, phi3: bool = False) -> Vocab
     for i in range(min(base, rows)):
         tokens[i] = processor.IdToPiece(i).encode("utf-8")
         scores[i] = processor.GetScore(i)
-        types[i] = next((kind for test, kind in kinds if test(i)), NORMAL)
+        types[i] = next((kind for test, kind in kinds if test(i)), USER_DEFINED if i in user_defined else NORMAL)
 
     # (id, text, special) from every place a tokenizer directory records added tokens; later wins.
     added: list[tuple[int, str, bool | None]] = [
@@ -124,12 +129,12 @@ def sentencepiece_vocab(model_dir: Path, rows: int, phi3: bool = False) -> Vocab
     config = _read_json(model_dir / "tokenizer_config.json")
     added += [(int(i), d["content"], d.get("special")) for i, d in config.get("added_tokens_decoder", {}).items()]
     # ids inside the SentencePiece model keep its own types, as upstream (not Phi-3's), except its
-    # user-defined pieces (NORMAL to the processor; Gemma's <start_of_turn>): tokenizer.json says what
-    # they are, as tokenizer_config.json did before transformers 5 (else llama.cpp would split them)
+    # normal and user-defined pieces (Gemma's <start_of_turn>): tokenizer.json says what they are, as
+    # tokenizer_config.json did before transformers 5 (else llama.cpp would split them)
     added += [
         (d["id"], d["content"], d.get("special"))
         for d in _read_json(model_dir / "tokenizer.json").get("added_tokens", [])
-        if phi3 or d["id"] >= base or (d["id"] < rows and types[d["id"]] == NORMAL)
+        if phi3 or d["id"] >= base or (d["id"] < rows and types[d["id"]] in (NORMAL, USER_DEFINED))
     ]
     size = max([base, *(i + 1 for i, _, _ in added)])
     if size > rows:
@@ -148,6 +153,47 @@ def sentencepiece_vocab(model_dir: Path, rows: int, phi3: bool = False) -> Vocab
         if i >= base and text not in new:
             new.append(text)
     return Vocab("llama", "default", tokens, types, scores, placeholders=rows - size, added=new)
+
+
+def sentencepiece_model_from_gguf(gguf_path: Path) -> bytes:
+    """A SentencePiece `tokenizer.model` holding a GGUF's SentencePiece vocabulary (`tokenizer.ggml.model`
+    llama): every piece with its score and type, in id order, and the special ids. For a base that ships only
+    as a GGUF (the embedded Gemma 3 270M): its pieces are what llama.cpp's converter read from the upstream
+    tokenizer.model, and sentencepiece_vocab then writes them back unchanged. A GGUF does not record the
+    trainer's model type; BPE (byte fallback when the vocabulary has byte pieces) is how llama.cpp's
+    SentencePiece tokenizer uses the scores."""
+    import gguf
+    from sentencepiece import sentencepiece_model_pb2
+
+    reader = gguf.GGUFReader(str(gguf_path))
+
+    def value(key: str, default=None):
+        found = reader.fields.get(key)
+        return default if found is None else found.contents()
+
+    if value("tokenizer.ggml.model") != "llama":
+        raise PipelineError(
+            f"{gguf_path}: tokenizer.ggml.model is {value('tokenizer.ggml.model')!r}, not SentencePiece"
+        )
+    tokens, scores, types = (value(f"tokenizer.ggml.{key}") for key in ("tokens", "scores", "token_type"))
+    proto = sentencepiece_model_pb2.ModelProto()
+    for text, score, kind in zip(tokens, scores, types, strict=True):
+        proto.pieces.add(piece=text, score=score, type=kind)  # GGUF's token types are SentencePiece's numbers
+    spec = proto.trainer_spec
+    spec.model_type = sentencepiece_model_pb2.TrainerSpec.BPE
+    spec.vocab_size = len(tokens)
+    spec.byte_fallback = BYTE in types
+    for role, key in (("unk", "unknown"), ("bos", "bos"), ("eos", "eos"), ("pad", "padding")):
+        token_id = value(f"tokenizer.ggml.{key}_token_id", -1)
+        setattr(spec, f"{role}_id", token_id)
+        if token_id >= 0:
+            setattr(spec, f"{role}_piece", tokens[token_id])
+    normalizer = proto.normalizer_spec
+    normalizer.name = "identity"
+    normalizer.add_dummy_prefix = bool(value("tokenizer.ggml.add_space_prefix", True))
+    normalizer.remove_extra_whitespaces = False
+    normalizer.escape_whitespaces = True
+    return proto.SerializeToString()
 
 
 def _drop_offsets(node):

@@ -158,6 +158,18 @@ def _copy_spm_model(base: BaseParams, out: Path) -> None:
         shutil.copyfile(path, out / "tokenizer.model")
 
 
+def _write_spm_model(gguf: Path, out: Path) -> None:
+    """A base shipped only as a GGUF with a SentencePiece vocabulary (Gemma) gets its tokenizer.model back from
+    the GGUF, for GGUF conversion as _copy_spm_model's; a BPE vocabulary (SmolLM2) needs none."""
+    import gguf as gguf_py
+
+    from pipeline.gguf_vocab import sentencepiece_model_from_gguf
+
+    field = gguf_py.GGUFReader(str(gguf)).fields.get("tokenizer.ggml.model")
+    if field is not None and field.contents() == "llama":
+        (out / "tokenizer.model").write_bytes(sentencepiece_model_from_gguf(gguf))
+
+
 def architecture_of(config, model=None) -> str:
     """The config's architecture; a model built in code may leave it unset, then its class says it."""
     if config.architectures:
@@ -206,6 +218,8 @@ def materialise(base: BaseParams, corpus: list[str], out: Path, check: Check | N
         model = model.to(getattr(torch, base.dtype))  # a validated torch dtype name
     model.save_pretrained(out)
     save_tokenizer(tokenizer, out)
+    if kind in EMBEDDED:
+        _write_spm_model(embedded_gguf(kind), out)
     return {
         "kind": kind,
         "source": base.model,

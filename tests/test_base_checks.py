@@ -189,3 +189,16 @@ def test_base_loads_gemma3_270m_as_gemma3_with_the_gemma_chat_family(tmp_path):
     out = tmp_path / "with" / "out"
     summary = assert_carried_with(result, out, gemma3_chat_template, "Gemma3ForCausalLM", "gemma")
     assert summary["parameters"] == 268_098_176 and summary["vocab_size"] == summary["tokenizer_length"] == 262144
+    # the GGUF has no tokenizer.model beside it: base rebuilds one, and conversion reads the packaged vocabulary
+    # back from it, piece for piece (its 165 user-defined pieces too: runs of spaces and newlines)
+    import gguf
+
+    from pipeline.gguf_vocab import USER_DEFINED, sentencepiece_vocab
+    from pipeline.models import embedded_gguf
+
+    packaged = gguf.GGUFReader(str(embedded_gguf("gemma3-270m"))).fields
+    vocab = sentencepiece_vocab(out, 262144)
+    assert [token.decode() for token in vocab.tokens] == packaged["tokenizer.ggml.tokens"].contents()
+    assert vocab.scores == packaged["tokenizer.ggml.scores"].contents()
+    assert vocab.types == packaged["tokenizer.ggml.token_type"].contents()
+    assert vocab.types.count(USER_DEFINED) == 165

@@ -250,6 +250,23 @@ def test_gemma_f16_gguf_equals_llama_cpp_converters_output(
     assert_same_gguf(ours, (ref_keys, ref_tensors))
 
 
+@pytest.mark.parametrize("name", GEMMAS)
+def test_a_sentencepiece_model_rebuilt_from_a_gguf_gives_back_its_vocabulary(name, family_gguf, tmp_path):
+    """How a base shipped only as a GGUF (the embedded Gemma 3 270M) gets the tokenizer.model that conversion
+    reads: every piece, score and type of the GGUF comes back, control and user-defined tokens included."""
+    from pipeline.gguf_vocab import CONTROL, sentencepiece_model_from_gguf, sentencepiece_vocab
+
+    gguf_path = family_gguf(name).out
+    keys, _ = read_gguf(gguf_path)
+    (tmp_path / "tokenizer.model").write_bytes(sentencepiece_model_from_gguf(gguf_path))
+
+    vocab = sentencepiece_vocab(tmp_path, len(keys["tokenizer.ggml.tokens"]))
+    assert [token.decode() for token in vocab.tokens] == keys["tokenizer.ggml.tokens"]
+    assert vocab.scores == keys["tokenizer.ggml.scores"]
+    assert vocab.types == keys["tokenizer.ggml.token_type"]
+    assert vocab.types[keys["tokenizer.ggml.tokens"].index("<start_of_turn>")] == CONTROL
+
+
 # --- llama.cpp runs it like the HF model ---
 
 
