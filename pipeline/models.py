@@ -161,13 +161,10 @@ def _copy_spm_model(base: BaseParams, out: Path) -> None:
 def _write_spm_model(gguf: Path, out: Path) -> None:
     """A base shipped only as a GGUF with a SentencePiece vocabulary (Gemma) gets its tokenizer.model back from
     the GGUF, for GGUF conversion as _copy_spm_model's; a BPE vocabulary (SmolLM2) needs none."""
-    import gguf as gguf_py
+    from pipeline.gguf_spm import sentencepiece_model_from_gguf
 
-    from pipeline.gguf_vocab import sentencepiece_model_from_gguf
-
-    field = gguf_py.GGUFReader(str(gguf)).fields.get("tokenizer.ggml.model")
-    if field is not None and field.contents() == "llama":
-        (out / "tokenizer.model").write_bytes(sentencepiece_model_from_gguf(gguf))
+    if (model := sentencepiece_model_from_gguf(gguf)) is not None:
+        (out / "tokenizer.model").write_bytes(model)
 
 
 def architecture_of(config, model=None) -> str:

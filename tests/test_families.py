@@ -254,7 +254,8 @@ def test_gemma_f16_gguf_equals_llama_cpp_converters_output(
 def test_a_sentencepiece_model_rebuilt_from_a_gguf_gives_back_its_vocabulary(name, family_gguf, tmp_path):
     """How a base shipped only as a GGUF (the embedded Gemma 3 270M) gets the tokenizer.model that conversion
     reads: every piece, score and type of the GGUF comes back, control and user-defined tokens included."""
-    from pipeline.gguf_vocab import CONTROL, sentencepiece_model_from_gguf, sentencepiece_vocab
+    from pipeline.gguf_spm import sentencepiece_model_from_gguf
+    from pipeline.gguf_vocab import CONTROL, sentencepiece_vocab
 
     gguf_path = family_gguf(name).out
     keys, _ = read_gguf(gguf_path)
@@ -265,6 +266,15 @@ def test_a_sentencepiece_model_rebuilt_from_a_gguf_gives_back_its_vocabulary(nam
     assert vocab.scores == keys["tokenizer.ggml.scores"]
     assert vocab.types == keys["tokenizer.ggml.token_type"]
     assert vocab.types[keys["tokenizer.ggml.tokens"].index("<start_of_turn>")] == CONTROL
+
+
+def test_a_bpe_gguf_base_gets_no_sentencepiece_model(smollm2_base):
+    """SmolLM2's GGUF holds a byte-level BPE vocabulary: its tokenizer.json is the whole tokenizer."""
+    from pipeline.gguf_spm import sentencepiece_model_from_gguf
+    from pipeline.models import smollm2_gguf
+
+    assert sentencepiece_model_from_gguf(smollm2_gguf()) is None
+    assert not (smollm2_base / "tokenizer.model").exists()
 
 
 # --- llama.cpp runs it like the HF model ---
