@@ -27,7 +27,7 @@ import gguf
 import numpy as np
 
 from pipeline.common import PipelineError, atomic_file, get_logger, run_cli, write_json_atomic
-from pipeline.gguf_arch import ARCHITECTURES, Architecture, unsupported_architecture
+from pipeline.gguf_arch import ARCHITECTURES, Architecture, phi3_name_problem, unsupported_architecture
 from pipeline.gguf_vocab import add_vocab_to_gguf
 from pipeline.params import ConvertParams, load_params
 
@@ -363,18 +363,12 @@ def add_phi3_hparams(writer: gguf.GGUFWriter, hparams: dict[str, Any], file_type
 
 
 def check_phi3_name(model_dir: Path, name: str) -> None:
-    """llama.cpp strips whitespace after Phi-3's special tokens, as its tokenizer does (rstrip), only for a
-    model whose general.name says phi3 (llama-vocab.cpp); another name would serve prompts whose tokens
-    training never saw."""
+    """gguf_arch.phi3_name_problem for the saved model's tokenizer.json and the general.name it gets."""
     path = model_dir / "tokenizer.json"
     added = json.loads(path.read_text(encoding="utf-8")).get("added_tokens", []) if path.is_file() else []
     stripping = [token["content"] for token in added if token.get("rstrip") and token.get("special")]
-    if stripping and not any(word in name.lower() for word in ("phi3", "phi-3")):
-        raise PipelineError(
-            f"{model_dir}: Phi-3's tokenizer strips whitespace after {stripping[0]} and its other special tokens; "
-            f"llama.cpp does so only when general.name contains 'phi3' or 'phi-3', and it would be {name!r}: set "
-            f"convert.model_name (params.yaml) to a name with phi3 in it"
-        )
+    if problem := phi3_name_problem(stripping, name):
+        raise PipelineError(f"{model_dir}: {problem}")
 
 
 def add_general(writer: gguf.GGUFWriter, model_dir: Path, model_name: str | None) -> str:

@@ -74,3 +74,17 @@ def unsupported_architecture(architecture: str) -> str:
         f"to add one, give it a row in ARCHITECTURES (pipeline/gguf_arch.py) after what llama.cpp's "
         f"convert_hf_to_gguf.py writes for it"
     )
+
+
+def phi3_name_problem(stripping: list[str], name: str | None) -> str | None:
+    """llama.cpp strips whitespace after Phi-3's special tokens, as its tokenizer does (rstrip), only for a
+    model whose general.name says phi3 (llama-vocab.cpp); another name would serve prompts whose tokens
+    training never saw. `stripping`: the special tokens that strip; `name`: general.name (None: not set)."""
+    if not stripping or (name is not None and any(word in name.lower() for word in ("phi3", "phi-3"))):
+        return None
+    would_be = "not set (convert.model_name is null)" if name is None else repr(name)
+    return (
+        f"Phi-3's tokenizer strips whitespace after {stripping[0]} and its other special tokens; llama.cpp does so "
+        f"only when general.name contains 'phi3' or 'phi-3', and it would be {would_be}: set convert.model_name "
+        "(params.yaml) to a name with phi3 in it"
+    )

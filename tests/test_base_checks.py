@@ -124,19 +124,36 @@ def test_a_qwen3_base_is_carried_with_thinking_off_unless_asked(family_merged, t
 
 
 @pytest.mark.parametrize(
-    ("name", "chat_family", "architecture", "shipped"),
+    ("name", "chat_family", "architecture", "shipped", "extra"),
     [
-        ("llama3", "llama3.1", "LlamaForCausalLM", "llama3_1_chat_template"),
-        ("phi3", "phi3.5", "Phi3ForCausalLM", "phi3_5_chat_template"),
+        ("llama3", "llama3.1", "LlamaForCausalLM", "llama3_1_chat_template", ""),
+        ("phi3", "phi3.5", "Phi3ForCausalLM", "phi3_5_chat_template", "convert:\n  model_name: opl-tutor-phi3\n"),
     ],
 )
 def test_a_base_of_each_new_family_is_carried_with_its_own_template(
-    name, chat_family, architecture, shipped, family_merged, tmp_path
+    name, chat_family, architecture, shipped, extra, family_merged, tmp_path
 ):
     from trl import chat_template_utils
 
-    result = run_base(tmp_path, family_merged(name))  # its template unchanged
+    result = run_base(tmp_path, family_merged(name), extra)  # its template unchanged
     assert_carried_with(result, tmp_path / "out", getattr(chat_template_utils, shipped), architecture, chat_family)
+
+
+@pytest.mark.parametrize(("extra", "would_be"), [("", "not set (convert.model_name is null)"),
+                                                 ("convert:\n  model_name: opl-tutor\n", "'opl-tutor'")])  # fmt: skip
+def test_a_phi3_base_without_a_gguf_name_llama_cpp_knows_as_phi3_stops_before_training(
+    extra, would_be, family_merged, tmp_path
+):
+    """Convert would refuse it after training (llama.cpp strips whitespace after Phi-3's special tokens only for a
+    general.name with phi3 in it): base says so first, with the param to set, and writes nothing."""
+    result = run_base(tmp_path, family_merged("phi3"), extra)
+
+    assert one_error_line(result) == (
+        f"error: base.model {str(family_merged('phi3'))!r}: Phi-3's tokenizer strips whitespace after <|assistant|> "
+        "and its other special tokens; llama.cpp does so only when general.name contains 'phi3' or 'phi-3', and it "
+        f"would be {would_be}: set convert.model_name (params.yaml) to a name with phi3 in it"
+    )
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_pretrained_gemma_base_is_given_the_gemma_family_by_base_chat_template(family_merged, tmp_path):
