@@ -95,6 +95,19 @@ def queue_workers() -> int:
     return int(match["active"]) + int(match["idle"]) if match else 0
 
 
+def start_worker() -> None:
+    """`dvc queue start -j 1`: one worker, which inherits this environment (see the module docstring) with
+    LLM_GITOPS_GATE_NO_FAIL=1, and also the output streams: a pipe would keep this call waiting until the
+    worker exits, so they go to a file."""
+    log_file = Path(".dvc/tmp/sweep-queue-start.log")
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with log_file.open("w") as out:
+        command = ["dvc", "queue", "start", "-j", "1"]
+        env = {**os.environ, GATE_NO_FAIL: "1"}
+        if subprocess.run(command, stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env).returncode != 0:
+            raise PipelineError(f"dvc queue start failed:\n{log_file.read_text()[-3000:]}")
+
+
 def stop_workers() -> None:
     """Stop the queue's worker and wait until it is gone. DVC's worker lingers (10 s and more) after the
     queue empties: an experiment someone queues meanwhile would be run silently, outside any sweep."""
@@ -141,21 +154,24 @@ def run_sweep(sweep: Sweep, replace: bool) -> list[Task]:
         dvc("exp", "run", "--queue", "gate", "-n", sweep.experiment(point), *point.set_args())
         log.info("queued %s: %s", sweep.experiment(point), point.label())
     labels = {sweep.experiment(p): p.label() for p in sweep.points}
-    # the worker inherits this environment (see the module docstring), and also the output streams:
-    # a pipe would keep this call waiting until the worker exits, so they go to a file
-    log_file = Path(".dvc/tmp/sweep-queue-start.log")
-    log_file.parent.mkdir(parents=True, exist_ok=True)
-    with log_file.open("w") as out:
-        command = ["dvc", "queue", "start", "-j", "1"]
-        env = {**os.environ, GATE_NO_FAIL: "1"}
-        if subprocess.run(command, stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env).returncode != 0:
-            raise PipelineError(f"dvc queue start failed:\n{log_file.read_text()[-3000:]}")
+    start_worker()
     started = time.monotonic()
     seen: dict[str, str] = {}
     durations: list[float] = []
     running_since: dict[str, float] = {}  # task -> when it was first seen running
+    workerless_polls = 0
     while True:
         ours = [t for t in queue_tasks() if t.task not in before]
+        # DVC's filesystem broker can keep a shutdown for the worker's name (measured: after an earlier sweep's
+        # `dvc queue stop`, the next worker logged "Got shutdown from remote" on start, ran its first task and
+        # left the others queued): with tasks waiting, nothing running and no worker twice in a row, start one
+        waiting = any(t.status == "Queued" for t in ours) and not any(t.status == "Running" for t in ours)
+        workerless_polls = workerless_polls + 1 if waiting and not queue_workers() else 0
+        if workerless_polls >= 2:
+            queued = sum(t.status == "Queued" for t in ours)
+            log.warning("the queue's worker stopped with %d task(s) of this sweep queued; starting another", queued)
+            start_worker()
+            workerless_polls = 0
         # a point that finished is reported before the next one that started in the same poll
         for task in sorted(ours, key=lambda t: t.status in UNFINISHED):
             if seen.get(task.task) == task.status:

@@ -144,6 +144,22 @@ def test_a_leftover_queue_is_refused_not_run_silently(scratch, swept):
     assert again.returncode == 1 and "already exist on this commit" in again.stderr
 
 
+def test_a_second_sweep_in_the_same_repository_runs_every_point(scratch, swept):
+    """The first sweep ended with `dvc queue stop`. The next one's worker has the same name, and DVC's
+    filesystem broker can still hold a shutdown for it (measured here: the worker logged "Got shutdown from
+    remote" on start, ran one task and left the rest queued): the sweep starts another worker then."""
+    (scratch / "sweeps" / "again.yaml").write_text(
+        "name: again\nmax_points: 2\npoints:\n  - {gate.keep_max_drop: 0.5}\n  - {gate.keep_max_drop: 0.25}\n"
+    )
+    output = ok([sys.executable, "-m", "pipeline.sweep", "run", "sweeps/again.yaml"], scratch)
+
+    assert "[2/2] again-2: Success" in output or "[2/2] again-1: Success" in output, output
+    statuses = {line.split()[1]: line.split()[-1] for line in ok(["dvc", "queue", "status"], scratch).splitlines()
+                if " again-" in line}  # fmt: skip
+    assert statuses == {"again-1": "Success", "again-2": "Success"}
+    assert "Worker status: 0 active, 0 idle" in ok(["dvc", "queue", "status"], scratch)
+
+
 def test_promote_branches_pushes_and_opens_the_merge_request(scratch, swept):
     winner = show(scratch)[0]
     state = GitLabState(token="glpat-sweep", user={"id": 9, "username": "sweep-bot"}, project_id="42")
