@@ -98,29 +98,18 @@ def sentencepiece_vocab(model_dir: Path, rows: int, phi3: bool = False) -> Vocab
     writes added_tokens_decoder into tokenizer_config.json, and upstream then writes `[PAD<id>]`).
     `phi3`: upstream's Phi3MiniModel reads tokenizer.json itself: every added token there, inside the
     model too, takes its id (control if special, else user-defined, as written), score ADDED_SCORE."""
-    from sentencepiece import SentencePieceProcessor, sentencepiece_model_pb2
+    from sentencepiece import sentencepiece_model_pb2
 
-    serialized = (model_dir / "tokenizer.model").read_bytes()
-    processor = SentencePieceProcessor()
-    processor.LoadFromSerializedProto(serialized)
+    # the model's own records, read directly: each piece's type is GGUF's number for it, user-defined included
+    # (the processor API would call those normal; Gemma's runs of spaces are user-defined)
     proto = sentencepiece_model_pb2.ModelProto()
-    proto.ParseFromString(serialized)
-    # the processor calls user-defined pieces normal; the model records them (Gemma's runs of spaces)
-    user_defined = {i for i, piece in enumerate(proto.pieces) if piece.type == USER_DEFINED}
-    base = processor.vocab_size()
+    proto.ParseFromString((model_dir / "tokenizer.model").read_bytes())
+    base = len(proto.pieces)
     tokens = [f"[PAD{i}]".encode() for i in range(rows)]
     scores = [PLACEHOLDER_SCORE] * rows
     types = [UNUSED] * rows
-    kinds = (
-        (processor.IsUnknown, UNKNOWN),
-        (processor.IsControl, CONTROL),
-        (processor.IsUnused, UNUSED),
-        (processor.IsByte, BYTE),
-    )
-    for i in range(min(base, rows)):
-        tokens[i] = processor.IdToPiece(i).encode("utf-8")
-        scores[i] = processor.GetScore(i)
-        types[i] = next((kind for test, kind in kinds if test(i)), USER_DEFINED if i in user_defined else NORMAL)
+    for i, piece in enumerate(proto.pieces[:rows]):
+        tokens[i], scores[i], types[i] = piece.piece.encode("utf-8"), piece.score, piece.type
 
     # (id, text, special) from every place a tokenizer directory records added tokens; later wins.
     added: list[tuple[int, str, bool | None]] = [

@@ -187,6 +187,7 @@ def materialise(base: BaseParams, corpus: list[str], out: Path, check: Check | N
 
     kind = kind_of(base)
     tokenizer = load_tokenizer(base, corpus, out)
+    gguf: Path | None = None  # the embedded model's file: found (and its sha256 checked) once here
     if kind == "tiny":
         from pipeline import tiny
 
@@ -215,8 +216,8 @@ def materialise(base: BaseParams, corpus: list[str], out: Path, check: Check | N
         model = model.to(getattr(torch, base.dtype))  # a validated torch dtype name
     model.save_pretrained(out)
     save_tokenizer(tokenizer, out)
-    if kind in EMBEDDED:
-        _write_spm_model(embedded_gguf(kind), out)
+    if gguf is not None:
+        _write_spm_model(gguf, out)
     return {
         "kind": kind,
         "source": base.model,
