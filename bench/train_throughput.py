@@ -11,8 +11,13 @@ is its own:
 - `trl-defaults`: SFTConfig as a user would write it (padded batches, loss on every token,
   gradient checkpointing on), with the same batch size and the same LoRA;
 - `ours`: pipeline.train.build_trainer with params.yaml's train section (padding-free batches,
-  loss on assistant tokens, bf16/tf32/checkpointing chosen for the device).
-Prints tokens/s (real tokens, padding excluded) and peak memory for each, and the ratio.
+  loss on assistant tokens, bf16/tf32/checkpointing chosen for the device);
+- `hand-fp32`: the anchor, a plain hand-written loop a user would write without a trainer: PEFT LoRA
+  (the same r, alpha, dropout and modules), right-padded batches, loss on every real token, AdamW,
+  fp32 throughout, no autocast.
+Prints tokens/s (real tokens, padding excluded) and peak memory for each, the ratios against the anchor,
+and the ceiling of this machine: FLOPs per trained token of this shape against the matmul rate measured
+here in fp32 (and bf16 where the CPU or GPU has fast bf16).
 """
 
 from __future__ import annotations
@@ -90,6 +95,97 @@ def build_model(shape: str, into: Path, tokenizer_dir: Path | None = None) -> No
     del model
 
 
+CONFIGS = ("trl-defaults", "ours", "hand-fp32")
+ANCHOR = "hand-fp32"
+
+
+def flops_per_token(shape: str, vocab_size: int, mean_tokens: float) -> float:
+    """Forward and backward FLOPs of one trained token under LoRA: 2 per weight forward and 2 backward (the
+    gradient of the activations; frozen weights get none, LoRA's own are negligible), over every linear
+    layer including the LM head, plus attention's score and value products (2 matmuls, 3x forward+backward)
+    over the mean causal context (half a row)."""
+    config = SHAPES[shape]
+    hidden, layers, inter = config["hidden_size"], config["num_hidden_layers"], config["intermediate_size"]
+    head = hidden // config["num_attention_heads"]
+    kv = head * config["num_key_value_heads"]
+    per_layer = 2 * hidden * hidden + 2 * hidden * kv + 3 * hidden * inter
+    linear = layers * per_layer + vocab_size * hidden
+    attention = layers * 3 * (2 * 2 * hidden * mean_tokens / 2)
+    return 4 * linear + attention
+
+
+def matmul_rate(dtype_name: str, size: int = 1024, seconds: float = 2.0) -> float:
+    """GFLOPS of a square matmul on this device in this dtype, with torch's default threads."""
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = getattr(torch, dtype_name)
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    for _ in range(3):
+        a @ b
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        done += 1
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return 2 * size**3 * done / (time.perf_counter() - start) / 1e9
+
+
+def fast_bf16() -> bool:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def hand_loop(model_dir: Path, rows: list[dict], args: argparse.Namespace) -> dict:
+    """The anchor: what a user writes by hand (see the module docstring). Returns tokens/s after warm-up."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.params import LoraParams
+
+    torch.manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    lora = LoraParams()
+    model = get_peft_model(
+        model.to(device),
+        LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
+                   task_type="CAUSAL_LM"),
+    )  # fmt: skip
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    encoded = [tokenizer.apply_chat_template(row["messages"], tokenize=True, return_dict=False) for row in rows]
+    marks: list[tuple[float, int]] = []
+    tokens = 0
+    for start in range(0, len(encoded), args.batch_size):
+        batch = encoded[start : start + args.batch_size]
+        width = max(len(ids) for ids in batch)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, row in enumerate(batch):
+            ids[i, : len(row)] = torch.tensor(row)
+            mask[i, : len(row)] = 1
+        labels = ids.masked_fill(mask == 0, -100)
+        loss = model(input_ids=ids.to(device), attention_mask=mask.to(device), labels=labels.to(device)).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        tokens += int(mask.sum())
+        marks.append((time.perf_counter(), tokens))
+    return {"marks": marks}
+
+
 def worker(config: str, model_dir: Path, args: argparse.Namespace) -> dict:
     import torch
     from transformers import TrainerCallback
@@ -109,25 +205,28 @@ def worker(config: str, model_dir: Path, args: argparse.Namespace) -> dict:
         liger=args.liger and config == "ours",
     )
     rows = conversations(args.batch_size * args.steps, args.seq_len)
+    marks: list[tuple[float, float]] = []
     with tempfile.TemporaryDirectory() as out:
-        if config == "trl-defaults":
+        if config == ANCHOR:
+            marks = hand_loop(model_dir, rows, args)["marks"]
+        elif config == "trl-defaults":
             trainer = trl_defaults(model_dir, rows, train, device, Path(out))
         else:
             data = DataParams(max_seq_length=args.seq_len)
             trainer = build_trainer(model_dir, rows, rows[:1], train, data, Path(out), device).trainer
-        trainer.args.eval_strategy = "no"
-        trainer.args.save_strategy = "no"
-        marks: list[tuple[float, float]] = []
+        if config != ANCHOR:
+            trainer.args.eval_strategy = "no"
+            trainer.args.save_strategy = "no"
 
-        class Clock(TrainerCallback):
-            def on_log(self, args, state, control, logs=None, **kwargs):
-                if logs and "num_tokens" in logs:
-                    marks.append((time.perf_counter(), float(logs["num_tokens"])))
+            class Clock(TrainerCallback):
+                def on_log(self, args, state, control, logs=None, **kwargs):
+                    if logs and "num_tokens" in logs:
+                        marks.append((time.perf_counter(), float(logs["num_tokens"])))
 
-        trainer.add_callback(Clock())
-        if device.cuda:
-            torch.cuda.reset_peak_memory_stats()
-        trainer.train()
+            trainer.add_callback(Clock())
+            if device.cuda:
+                torch.cuda.reset_peak_memory_stats()
+            trainer.train()
     # The first step is warm-up; with 8 or more, the first three (a compiled kernel such as flex attention
     # compiles once for the first shape and once more as dynamic).
     (t0, n0), (t1, n1) = marks[3 if len(marks) >= 8 else 0], marks[-1]
@@ -189,8 +288,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokenizer", type=Path, help="a saved HF tokenizer directory (default: SmolLM2's)")
     parser.add_argument("--model-cache", type=Path, help="build the random model here once and reuse it")
     parser.add_argument("--out", type=Path, help="also write the results as JSON to this file")
-    parser.add_argument("--configs", nargs="+", choices=["trl-defaults", "ours"], default=["trl-defaults", "ours"])
-    parser.add_argument("--worker", choices=["ours", "trl-defaults"], help=argparse.SUPPRESS)
+    parser.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS))
+    parser.add_argument("--worker", choices=CONFIGS, help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -216,6 +315,7 @@ def main(argv: list[str] | None = None) -> None:
             if output.returncode:
                 raise SystemExit(f"{config} failed:\n{output.stderr[-3000:]}")
             results.append(json.loads(output.stdout.strip().splitlines()[-1]))
+        ceiling = machine_ceiling(args, Path(tmp))
     setting = {
         "shape": args.shape,
         "seq_len": args.seq_len,
@@ -225,16 +325,48 @@ def main(argv: list[str] | None = None) -> None:
         "liger": args.liger,
         "device": device_name(),
     }
+    by_config = {result["config"]: result for result in results}
+    anchor = by_config.get(ANCHOR)
+    for result in results:
+        if anchor:
+            result["vs_hand_fp32"] = round(result["tokens_per_second"] / anchor["tokens_per_second"], 2)
+        best = max(ceiling["matmul_gflops"].values())
+        result["share_of_ceiling"] = round(result["tokens_per_second"] / (best / ceiling["gflop_per_token"]), 3)
     if args.out:
-        args.out.write_text(json.dumps({**setting, "results": results}, indent=2) + "\n")
+        args.out.write_text(json.dumps({**setting, "ceiling": ceiling, "results": results}, indent=2) + "\n")
     print(f"shape {args.shape}, seq ≤ {args.seq_len}, batch {args.batch_size}, {args.steps} steps, {setting['device']}")
     for result in results:
+        versus = f"  {result['vs_hand_fp32']:.2f}x hand-fp32" if anchor else ""
         print(
             f"  {result['config']:13} {result['tokens_per_second']:9.1f} tokens/s  "
-            f"{result['peak_memory_gib']:6.2f} GiB peak ({result['memory']})"
+            f"{result['peak_memory_gib']:6.2f} GiB peak ({result['memory']}){versus}  "
+            f"{result['share_of_ceiling']:.0%} of the ceiling"
         )
-    if len(results) == 2:
-        print(f"  ratio ours / trl-defaults: {results[1]['tokens_per_second'] / results[0]['tokens_per_second']:.2f}x")
+    matmul = ceiling["matmul_gflops"]
+    rates = ", ".join(f"{name} {rate:.0f} GFLOPS" for name, rate in matmul.items())
+    bounds = ", ".join(f"{name} {rate / ceiling['gflop_per_token']:.0f}" for name, rate in matmul.items())
+    print(
+        f"  ceiling: {ceiling['gflop_per_token']:.2f} GFLOP per trained token (mean row {ceiling['mean_tokens']:.0f}"
+        f" tokens); matmul {rates} -> at most {bounds} tokens/s"
+    )
+
+
+def machine_ceiling(args: argparse.Namespace, model_dir: Path) -> dict:
+    """FLOPs per trained token of this shape and this data, and the measured matmul rates of this machine."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    rows = conversations(args.batch_size * args.steps, args.seq_len)
+    lengths = [len(tokenizer.apply_chat_template(row["messages"], tokenize=True, return_dict=False)) for row in rows]
+    mean_tokens = sum(lengths) / len(lengths)
+    rates = {"float32": round(matmul_rate("float32"), 1)}
+    if fast_bf16():
+        rates["bfloat16"] = round(matmul_rate("bfloat16"), 1)
+    return {
+        "gflop_per_token": round(flops_per_token(args.shape, len(tokenizer), mean_tokens) / 1e9, 3),
+        "mean_tokens": round(mean_tokens, 1),
+        "matmul_gflops": rates,
+    }
 
 
 if __name__ == "__main__":

@@ -15,11 +15,14 @@ that param it is an error naming the choices, before any weights are loaded.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.metadata
+import os
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,13 +117,39 @@ def with_chat_template(tokenizer, base: BaseParams):
     return tokenizer
 
 
-def load_tokenizer(base: BaseParams, corpus: list[str], scratch: Path):
-    """The base model's tokenizer with its chat template, without loading any weights (for data validation)."""
+@contextmanager
+def gguf_parsed_once() -> Iterator[None]:
+    """Within this block gguf-py parses each GGUF file once and builds each tensor-name table once.
+    transformers reads an embedded GGUF three times (tokenizer, config, weights) and the base stage a fourth
+    (pipeline/gguf_spm.py): 6 s each for SmolLM2's 49k-token vocabulary on 2 cores; and it builds gguf-py's
+    tensor-name table once per module of the model (397 times for SmolLM2, 8 s). Both are pure functions of
+    their arguments (files opened read-only), so the first result serves every later call."""
+    import gguf
+
+    real_reader, real_names = gguf.GGUFReader, gguf.get_tensor_name_map
+    readers: dict[tuple[str, str], object] = {}
+
+    def reader(path, mode="r"):
+        key = (os.path.realpath(path), mode)
+        if key not in readers:
+            readers[key] = real_reader(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = reader, functools.cache(real_names)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = real_reader, real_names
+
+
+def load_tokenizer(base: BaseParams, corpus: list[str], scratch: Path, gguf: Path | None = None):
+    """The base model's tokenizer with its chat template, without loading any weights (for data validation).
+    `gguf`: the embedded model's file when the caller has already found it."""
     from transformers import AutoTokenizer
 
     kind = kind_of(base)
     if kind in EMBEDDED:
-        gguf = embedded_gguf(kind)
+        gguf = gguf or embedded_gguf(kind)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     elif kind == "tiny":
         from pipeline import tiny
@@ -182,18 +211,24 @@ Check = Callable[[str, object], None]
 def materialise(base: BaseParams, corpus: list[str], out: Path, check: Check | None = None) -> dict:
     """Write the base model (safetensors, config, tokenizer) into `out`; return a summary. `check` sees
     the architecture and tokenizer first: before a hub or local model's weights are loaded."""
+    kind = kind_of(base)
+    # the embedded model's file: found (and its sha256 checked) once here
+    gguf = embedded_gguf(kind) if kind in EMBEDDED else None
+    with gguf_parsed_once():
+        return _materialise(base, kind, corpus, out, check, gguf)
+
+
+def _materialise(base: BaseParams, kind: str, corpus: list[str], out: Path, check: Check | None,
+                 gguf: Path | None) -> dict:  # fmt: skip
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    kind = kind_of(base)
-    tokenizer = load_tokenizer(base, corpus, out)
-    gguf: Path | None = None  # the embedded model's file: found (and its sha256 checked) once here
+    tokenizer = load_tokenizer(base, corpus, out, gguf)
     if kind == "tiny":
         from pipeline import tiny
 
         model = tiny.build_model(tokenizer)
-    elif kind in EMBEDDED:
-        gguf = embedded_gguf(kind)
+    elif gguf is not None:
         loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         # A GGUF-loaded model refuses save_pretrained: copy its weights into a plain model.
         config = loaded.config

@@ -151,9 +151,10 @@ class TrainParams:
     bf16: bool | Literal["auto"] = "auto"
     # Concatenate each batch without pad tokens (position ids keep the sequences apart): no compute on padding.
     padding_free: bool = True
-    # auto = flex_attention on a CUDA GPU when batches are padding-free or packed (block-sparse: no attention
-    # across the packed conversations), else sdpa. sdpa on a packed row computes a dense mask over all of it.
-    attention: Literal["auto", "sdpa", "flex_attention", "eager"] = "auto"
+    # auto = for padding-free or packed batches flex_attention on a CUDA GPU (block-sparse: no attention across
+    # the packed conversations) and sdpa_packed elsewhere (SDPA on each conversation's slice,
+    # pipeline/packed_attention.py); else sdpa. sdpa on a packed row computes a dense mask over all of it.
+    attention: Literal["auto", "sdpa", "sdpa_packed", "flex_attention", "eager"] = "auto"
     # Pack conversations into rows of data.max_seq_length tokens (best-fit; loss masking unchanged).
     packing: bool = False
     optimizer: Literal["adamw_torch", "adamw_torch_fused", "paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit"] = (

@@ -26,6 +26,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from pipeline import packed_attention
 from pipeline.chat_templates import check_training_template, training_template
 from pipeline.common import (
     PipelineError,
@@ -124,6 +125,8 @@ def load_model(model_dir: Path, train: TrainParams, device: Device):
         "use_safetensors": True,
         "attn_implementation": attention_for(train, device),
     }
+    if kwargs["attn_implementation"] == packed_attention.NAME:
+        packed_attention.register()
     if train.qlora:
         from accelerate import PartialState
         from transformers import BitsAndBytesConfig
@@ -153,7 +156,9 @@ def load_model(model_dir: Path, train: TrainParams, device: Device):
 def attention_for(train: TrainParams, device: Device) -> str:
     if train.attention != "auto":
         return train.attention
-    return "flex_attention" if device.cuda and (train.padding_free or train.packing) else "sdpa"
+    if train.padding_free or train.packing:
+        return "flex_attention" if device.cuda else packed_attention.NAME
+    return "sdpa"
 
 
 def _checkpointing(train: TrainParams, device: Device) -> bool:

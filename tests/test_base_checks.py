@@ -219,3 +219,21 @@ def test_base_loads_gemma3_270m_as_gemma3_with_the_gemma_chat_family(tmp_path):
     assert vocab.scores == packaged["tokenizer.ggml.scores"].contents()
     assert vocab.types == packaged["tokenizer.ggml.token_type"].contents()
     assert vocab.types.count(USER_DEFINED) == 165
+
+
+def test_an_embedded_gguf_is_parsed_once_while_the_base_is_materialised():
+    """transformers reads the GGUF for the tokenizer, the config and the weights, and the stage once more for
+    a SentencePiece vocabulary: inside gguf_parsed_once every read of one file is the first one's result, and
+    gguf-py's tensor-name table is built once per architecture; outside it, gguf-py is itself again."""
+    import gguf
+
+    from pipeline.models import gguf_parsed_once, smollm2_gguf
+
+    path = smollm2_gguf()
+    with gguf_parsed_once():
+        first = gguf.GGUFReader(path)
+        assert gguf.GGUFReader(str(path)) is first
+        names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 30)
+        assert gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 30) is names
+        assert first.fields["general.architecture"].contents() == "llama"
+    assert gguf.GGUFReader is type(first)  # the real class again

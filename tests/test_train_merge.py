@@ -82,12 +82,13 @@ def test_qlora_without_cuda_is_one_clear_error(repo_params):
         check_device(qlora, CPU)
 
 
-def test_attention_auto_is_flex_for_padding_free_batches_on_cuda_and_sdpa_elsewhere(repo_params):
+def test_attention_auto_never_attends_densely_over_a_padding_free_row(repo_params):
     cuda = Device(cuda=True, bf16=True, tf32=True)
     train = repo_params.train
     assert attention_for(train, cuda) == "flex_attention"  # dense sdpa masks over a packed row cost 2x on a GPU
-    assert attention_for(train, CPU) == "sdpa"
+    assert attention_for(train, CPU) == "sdpa_packed"  # SDPA on each conversation's slice
     assert attention_for(dataclasses.replace(train, padding_free=False), cuda) == "sdpa"
+    assert attention_for(dataclasses.replace(train, padding_free=False), CPU) == "sdpa"
     assert attention_for(dataclasses.replace(train, padding_free=False, packing=True), cuda) == "flex_attention"
     assert attention_for(dataclasses.replace(train, attention="eager"), cuda) == "eager"
 
