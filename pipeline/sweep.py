@@ -159,7 +159,7 @@ def run_sweep(sweep: Sweep, replace: bool) -> list[Task]:
     seen: dict[str, str] = {}
     durations: list[float] = []
     running_since: dict[str, float] = {}  # task -> when it was first seen running
-    workerless_polls = 0
+    workerless_polls = vanished_polls = 0
     while True:
         ours = [t for t in queue_tasks() if t.task not in before]
         # DVC's filesystem broker can keep a shutdown for the worker's name (measured: after an earlier sweep's
@@ -188,8 +188,16 @@ def run_sweep(sweep: Sweep, replace: bool) -> list[Task]:
                 log.info(
                     "[%d/%d] %s: %s after %s%s", done, len(names), task.name, task.status, _minutes(durations[-1]), eta
                 )
-        if len(ours) >= len(names) and all(t.status not in UNFINISHED for t in ours):
-            break
+        if all(t.status not in UNFINISHED for t in ours):
+            if len(ours) >= len(names):
+                break
+            # a point taken off the queue (`dvc queue remove`) never finishes: stop waiting for it
+            vanished_polls += 1
+            if vanished_polls >= 2:
+                missing = sorted(set(names) - {t.name for t in ours})
+                log.warning("%d point(s) left the queue without running (removed?): %s", len(missing),
+                            ", ".join(missing))  # fmt: skip
+                break
         time.sleep(POLL_S)
     stop_workers()
     log.info("sweep %s: %d experiments in %s", sweep.name, len(names), _minutes(time.monotonic() - started))

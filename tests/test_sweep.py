@@ -207,3 +207,33 @@ def test_the_merge_request_needs_a_token_the_api_url_and_the_project():
     assert gitlab_settings(env) is None
     assert gitlab_settings({**env, "GITLAB_TOKEN": "t"}) == ("https://gitlab.example.com", "42", "t")
     assert gitlab_settings({**env, "GITLAB_REPORT_TOKEN": "r"}) == ("https://gitlab.example.com", "42", "r")
+
+
+def test_a_point_removed_from_the_queue_ends_the_sweep_with_a_warning_instead_of_waiting_forever(monkeypatch, caplog):
+    """`dvc queue remove <name>` takes a point off the queue: it never finishes, and the sweep used to poll for it
+    forever. The queue here is a double of `dvc queue status`'s lines; the other points finished."""
+    from pipeline import sweep as sweep_cli
+    from pipeline.sweep import Task
+
+    sweep = load_sweep(ROOT / "sweeps" / "recipe.yaml", ROOT / "params.yaml")
+    polls = iter(range(1000))
+
+    def queue_tasks():
+        if next(polls) < 2:
+            return []  # the leftover check and the snapshot before queuing: an empty queue
+        finished = [Task(f"t{i}", f"recipe-{i}", "Success") for i in (1, 2, 4)]  # recipe-3 was removed
+        return finished
+
+    monkeypatch.setattr(sweep_cli, "queue_tasks", queue_tasks)
+    monkeypatch.setattr(sweep_cli, "dvc", lambda *args: "")
+    monkeypatch.setattr(sweep_cli, "shown", lambda rev="HEAD": [])
+    monkeypatch.setattr(sweep_cli, "start_worker", lambda: None)
+    monkeypatch.setattr(sweep_cli, "stop_workers", lambda: None)
+    monkeypatch.setattr(sweep_cli, "queue_workers", lambda: 0)
+    monkeypatch.setattr(sweep_cli.time, "sleep", lambda seconds: None)
+
+    with caplog.at_level("WARNING"):
+        tasks = sweep_cli.run_sweep(sweep, replace=False)
+
+    assert [t.name for t in tasks] == ["recipe-1", "recipe-2", "recipe-4"]
+    assert "1 point(s) left the queue without running (removed?): recipe-3" in caplog.text
