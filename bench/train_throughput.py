@@ -137,16 +137,8 @@ def matmul_rate(dtype_name: str, size: int = 1024, seconds: float = 1.0, repeats
     return best
 
 
-def fast_bf16() -> bool:
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-    return torch.ops.mkldnn._is_mkldnn_bf16_supported()
-
-
-def hand_loop(model_dir: Path, rows: list[dict], args: argparse.Namespace) -> dict:
-    """The anchor: what a user writes by hand (see the module docstring). Returns tokens/s after warm-up."""
+def hand_loop(model_dir: Path, rows: list[dict], args: argparse.Namespace) -> list[tuple[float, float]]:
+    """The anchor: what a user writes by hand (see the module docstring). (time, tokens so far) after each step."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -167,7 +159,7 @@ def hand_loop(model_dir: Path, rows: list[dict], args: argparse.Namespace) -> di
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     encoded = [tokenizer.apply_chat_template(row["messages"], tokenize=True, return_dict=False) for row in rows]
-    marks: list[tuple[float, int]] = []
+    marks: list[tuple[float, float]] = []
     tokens = 0
     for start in range(0, len(encoded), args.batch_size):
         batch = encoded[start : start + args.batch_size]
@@ -186,13 +178,12 @@ def hand_loop(model_dir: Path, rows: list[dict], args: argparse.Namespace) -> di
         if device == "cuda":
             torch.cuda.synchronize()
         tokens += int(mask.sum())
-        marks.append((time.perf_counter(), tokens))
-    return {"marks": marks}
+        marks.append((time.perf_counter(), float(tokens)))
+    return marks
 
 
 def worker(config: str, model_dir: Path, args: argparse.Namespace) -> dict:
     import torch
-    from transformers import TrainerCallback
 
     from pipeline.params import DataParams, LoraParams, load_params
     from pipeline.train import Device, build_trainer
@@ -209,28 +200,16 @@ def worker(config: str, model_dir: Path, args: argparse.Namespace) -> dict:
         liger=args.liger and config == "ours",
     )
     rows = conversations(args.batch_size * args.steps, args.seq_len)
-    marks: list[tuple[float, float]] = []
     with tempfile.TemporaryDirectory() as out:
         if config == ANCHOR:
-            marks = hand_loop(model_dir, rows, args)["marks"]
-        elif config == "trl-defaults":
-            trainer = trl_defaults(model_dir, rows, train, device, Path(out))
+            marks = hand_loop(model_dir, rows, args)
         else:
-            data = DataParams(max_seq_length=args.seq_len)
-            trainer = build_trainer(model_dir, rows, rows[:1], train, data, Path(out), device).trainer
-        if config != ANCHOR:
-            trainer.args.eval_strategy = "no"
-            trainer.args.save_strategy = "no"
-
-            class Clock(TrainerCallback):
-                def on_log(self, args, state, control, logs=None, **kwargs):
-                    if logs and "num_tokens" in logs:
-                        marks.append((time.perf_counter(), float(logs["num_tokens"])))
-
-            trainer.add_callback(Clock())
-            if device.cuda:
-                torch.cuda.reset_peak_memory_stats()
-            trainer.train()
+            if config == "trl-defaults":
+                trainer = trl_defaults(model_dir, rows, train, device, Path(out))
+            else:
+                data = DataParams(max_seq_length=args.seq_len)
+                trainer = build_trainer(model_dir, rows, rows[:1], train, data, Path(out), device).trainer
+            marks = timed_training(trainer, device)
     # The first step is warm-up; with 8 or more, the first three (a compiled kernel such as flex attention
     # compiles once for the first shape and once more as dynamic).
     (t0, n0), (t1, n1) = marks[3 if len(marks) >= 8 else 0], marks[-1]
@@ -245,6 +224,27 @@ def worker(config: str, model_dir: Path, args: argparse.Namespace) -> dict:
         "peak_memory_gib": round(peak, 2),
         "memory": "GPU allocated" if device.cuda else "process RSS",
     }
+
+
+def timed_training(trainer, device) -> list[tuple[float, float]]:
+    """Train without evaluating or saving; (time, tokens so far) at each logged step."""
+    import torch
+    from transformers import TrainerCallback
+
+    trainer.args.eval_strategy = "no"
+    trainer.args.save_strategy = "no"
+    marks: list[tuple[float, float]] = []
+
+    class Clock(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "num_tokens" in logs:
+                marks.append((time.perf_counter(), float(logs["num_tokens"])))
+
+    trainer.add_callback(Clock())
+    if device.cuda:
+        torch.cuda.reset_peak_memory_stats()
+    trainer.train()
+    return marks
 
 
 def trl_defaults(model_dir: Path, rows: list[dict], train, device, out: Path):
@@ -329,12 +329,11 @@ def main(argv: list[str] | None = None) -> None:
         "liger": args.liger,
         "device": device_name(),
     }
-    by_config = {result["config"]: result for result in results}
-    anchor = by_config.get(ANCHOR)
+    anchor = next((result for result in results if result["config"] == ANCHOR), None)
+    best = max(ceiling["matmul_gflops"].values())
     for result in results:
         if anchor:
             result["vs_hand_fp32"] = round(result["tokens_per_second"] / anchor["tokens_per_second"], 2)
-        best = max(ceiling["matmul_gflops"].values())
         result["share_of_ceiling"] = round(result["tokens_per_second"] / (best / ceiling["gflop_per_token"]), 3)
     if args.out:
         args.out.write_text(json.dumps({**setting, "ceiling": ceiling, "results": results}, indent=2) + "\n")
@@ -359,12 +358,14 @@ def machine_ceiling(args: argparse.Namespace, model_dir: Path) -> dict:
     """FLOPs per trained token of this shape and this data, and the measured matmul rates of this machine."""
     from transformers import AutoTokenizer
 
+    from pipeline.train import Device
+
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     rows = conversations(args.batch_size * args.steps, args.seq_len)
     lengths = [len(tokenizer.apply_chat_template(row["messages"], tokenize=True, return_dict=False)) for row in rows]
     mean_tokens = sum(lengths) / len(lengths)
     rates = {"float32": round(matmul_rate("float32"), 1)}
-    if fast_bf16():
+    if Device.detect().bf16:  # bf16 matrix units: a CUDA GPU with bf16, or a CPU with AMX/AVX512-BF16
         rates["bfloat16"] = round(matmul_rate("bfloat16"), 1)
     return {
         "gflop_per_token": round(flops_per_token(args.shape, len(tokenizer), mean_tokens) / 1e9, 3),
