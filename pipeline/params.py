@@ -130,6 +130,9 @@ class TrainParams:
     # Replay: base_answers' conversations (the base's own answers to general prompts) mixed into training,
     # as a share of the training conversations (0.5: one replayed per two of ours); 0 = none.
     replay: float = field(default=0.0, metadata=NON_NEGATIVE)
+    # beta of a KL(base || model) term on the replayed answers' tokens (pipeline/replay_kl.py): the base's
+    # whole next-token distribution, not only its greedy answer; 0 = plain replay. Not with packing.
+    replay_kl: float = field(default=0.0, metadata=NON_NEGATIVE)
     # NEFTune: noise of this alpha added to the input embeddings while training; null = off.
     neftune_alpha: float | None = field(
         default=None, metadata=_check(lambda v: v is None or v > 0, "must be > 0 or null")
@@ -460,6 +463,9 @@ def _cross_errors(params: Params, raw: Any) -> list[tuple[str, str]]:
         errors.append(error)
     if params.modelfile.license is not None and (reason := _license_error(params.modelfile.license)):
         errors.append(("modelfile.license", reason))
+    if params.train.replay_kl and params.train.packing:
+        reason = "needs train.packing: false (a packed row mixes replayed and other conversations)"
+        errors.append(("train.replay_kl", reason))
     return errors
 
 

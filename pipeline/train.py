@@ -26,7 +26,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from pipeline import packed_attention
+from pipeline import packed_attention, replay_kl
 from pipeline.chat_templates import check_training_template, training_template
 from pipeline.common import (
     PipelineError,
@@ -329,7 +329,8 @@ def build_trainer(
         task_type="CAUSAL_LM",
     )
     keeper = KeepBestAdapter(patience=train.early_stopping_patience)
-    trainer = SFTTrainer(
+    trainer_class = replay_kl.trainer_class(train.replay_kl) if train.replay_kl else SFTTrainer
+    trainer = trainer_class(
         model=model,
         args=config,
         processing_class=tokenizer,
@@ -338,6 +339,8 @@ def build_trainer(
         eval_dataset=Dataset.from_list(eval_rows),
         callbacks=[keeper.callback()],
     )
+    if train.replay_kl:
+        trainer.data_collator = replay_kl.ReplayTokenCollator(trainer.data_collator)
     return TrainingSetup(trainer, tokenizer, shipped, resized, keeper)
 
 
@@ -466,6 +469,8 @@ def training_rows(data_dir: Path, replay: Path | None, train: TrainParams) -> tu
     if train.replay and replay is None:
         raise PipelineError("train.replay > 0 needs --replay (the base_answers stage's replay.jsonl)")
     replayed = replay_mix(read_jsonl(replay), train.replay, len(train_rows)) if train.replay else []
+    if train.replay_kl:  # the collator needs to know which conversations are replayed
+        train_rows, replayed = replay_kl.mark_replayed(train_rows, False), replay_kl.mark_replayed(replayed, True)
     return train_rows + replayed, eval_rows, len(replayed)
 
 

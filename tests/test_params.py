@@ -104,6 +104,12 @@ def test_an_empty_file_means_all_defaults():
         ("quantize:\n  types: [q8_0, q8_0]\n", "quantize.types: must be a non-empty list without repeats"),
         ("train:\n  replay: -0.5\n", "params.yaml:2: train.replay: must be >= 0, got -0.5"),
         ("train:\n  neftune_alpha: 0\n", "params.yaml:2: train.neftune_alpha: must be > 0 or null, got 0"),
+        ("train:\n  replay_kl: -1\n", "params.yaml:2: train.replay_kl: must be >= 0, got -1"),
+        (
+            "train:\n  packing: true\n  replay_kl: 0.5\n",
+            "params.yaml:3: train.replay_kl: needs train.packing: false (a packed row mixes replayed and other "
+            "conversations)",
+        ),
         ("gate:\n  max_forgetting: -1\n", "params.yaml:2: gate.max_forgetting: must be >= 0, got -1"),
         ("gate:\n  learn_min_nll_drop: lots\n", "gate.learn_min_nll_drop: expected a number, got 'lots'"),
         (
