@@ -13,8 +13,8 @@ Evidence per model: the greedy answer's keyword score; the mean NLL per token of
 base_answers), whose rise is the forgetting. Rules (params.yaml gate, pipeline/verdict.py): learn cases
 must reach a score and gain over the base and their reference NLL must fall; keep cases must not drop
 (score) or rise (NLL) beyond tolerances; forgetting within max_forgetting; a GGUF must not lose more than
-a tolerance against the merged model; no forbidden keyword. A case whose keyword score flips between the
-variants while their reference NLLs agree is unstable and counts as `gate.unstable` says.
+a tolerance against the merged model; no forbidden keyword. A case whose keyword score flips between two
+variants whose reference NLLs agree is unstable and counts as `gate.unstable` says.
 
 Writes metrics/gate.json (DVC metrics), reports/gate.md and models/gate/verdict.json, which the deploy
 command requires to say passed. A failed gate writes all three, then exits 1 with the reasons.

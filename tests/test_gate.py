@@ -116,6 +116,18 @@ def test_a_case_whose_keyword_score_flips_while_the_likelihoods_agree_is_unstabl
     assert unstable_cases(CASES, [merged, q8, far], tolerance=0.1) == []
 
 
+def test_one_pair_of_variants_that_agree_on_the_likelihood_but_not_the_keywords_makes_a_case_unstable():
+    # f16 and q8_0 are the same model on l2 (NLL 1.50 / 1.52) yet answer differently; q4_k_m's rounding moved it
+    f16 = evidence("f16", ALL_PASS, {**GOOD_NLL, "l2": 1.50})
+    q8 = evidence("q8_0", {**ALL_PASS, "l2": 0.0}, {**GOOD_NLL, "l2": 1.52})
+    q4 = evidence("q4_k_m", ALL_PASS, {**GOOD_NLL, "l2": 1.75})
+    assert unstable_cases(CASES, [f16, q8, q4], tolerance=0.1) == ["l2"]
+    # the flip is only between variants that are far apart: a real difference
+    assert unstable_cases(CASES, [f16, evidence("q8_0", ALL_PASS, {**GOOD_NLL, "l2": 1.52}),
+                                  evidence("q4_k_m", {**ALL_PASS, "l2": 0.0}, {**GOOD_NLL, "l2": 1.75})],
+                          tolerance=0.1) == []  # fmt: skip
+
+
 def test_unstable_cases_count_as_the_rule_set_says():
     q4 = evidence("q4_k_m", {**ALL_PASS, "l2": 0.0}, {**GOOD_NLL, "l2": 1.58}, GOOD_PROBES)
     decided = {mode: decided_scores(CASES, BASE, q4, ["l2"], GateParams(unstable=mode))["l2"] for mode in
