@@ -54,12 +54,17 @@ PROBES = Path("data/base_answers/probes.jsonl")
 log = get_logger("gate")
 
 
-def choose(variants: dict[str, list[str]], sizes: dict[str, int], ship: str) -> tuple[str | None, list[str]]:
-    """The GGUF that ships (None: none may) and why not, given each variant's failure reasons."""
+def choose(
+    variants: dict[str, list[str]], sizes: dict[str, int], ship: str, as_answered: dict[str, list[str]] | None = None
+) -> tuple[str | None, list[str]]:
+    """The GGUF that ships (None: none may) and why not, given each variant's failure reasons. `auto`: the
+    smallest that passes on its greedy answers as given (`as_answered`: its reasons with no case decided as
+    unstable), else the smallest that passes: what a user of the shipped model reads are those answers."""
     passing = [name for name, reasons in variants.items() if not reasons]
     if ship == "auto":
         if passing:
-            return min(passing, key=lambda name: sizes[name]), []
+            clean = [name for name in passing if as_answered is None or not as_answered[name]]
+            return min(clean or passing, key=lambda name: sizes[name]), []
         return None, ["no GGUF passed the gate"]
     if ship not in variants:
         return None, [f"gate.ship: {ship} is not a GGUF this pipeline produced ({', '.join(variants)})"]
@@ -73,9 +78,11 @@ class GateResult:
     decided: dict[str, dict[str, float]]  # model -> the keyword scores the rules used
     unstable: list[str]
     reasons: dict[str, list[str]]  # model (merged and every GGUF) -> why it may not ship
+    as_answered: dict[str, list[str]]  # every GGUF -> the same rules with no case decided as unstable
     shipped: str | None
     judged: str  # the GGUF the verdict describes: the shipped one, else the one asked for, else the largest
     why_not: list[str]  # empty when shipped
+    choice_note: str | None = None  # why `auto` shipped a larger GGUF than the smallest that passed
 
     def metrics(self) -> dict:
         def per_model(values: Callable[[Evidence], float | None]) -> dict:
@@ -147,11 +154,19 @@ def decide(
         },
     }
     gguf_reasons = {name: reasons[name] for name in gguf_sizes}
-    shipped, why_not = choose(gguf_reasons, gguf_sizes, gate.ship)
+    as_answered = {name: judge(cases, before, evidence[name], gate, merged=decided["merged"]) for name in gguf_sizes}
+    shipped, why_not = choose(gguf_reasons, gguf_sizes, gate.ship, as_answered)
     if shipped is None:
         why_not += [f"{name}: {why}" for name, whys in gguf_reasons.items() for why in whys]
     judged = shipped or (gate.ship if gate.ship in gguf_sizes else max(gguf_sizes, key=gguf_sizes.__getitem__))
-    return GateResult(cases, evidence, decided, unstable, reasons, shipped, judged, why_not)
+    smaller = [n for n, why in gguf_reasons.items() if not why and shipped and gguf_sizes[n] < gguf_sizes[shipped]]
+    note = (
+        f"{', '.join(f'`{name}`' for name in smaller)} passed too, but only with unstable cases decided by their "
+        f"likelihood; `{shipped}` passes on its answers as given."
+        if smaller
+        else None
+    )
+    return GateResult(cases, evidence, decided, unstable, reasons, as_answered, shipped, judged, why_not, note)
 
 
 # --- the report ---------------------------------------------------------------------------------
@@ -174,6 +189,7 @@ def report_markdown(result: GateResult) -> str:
         "# Gate report",
         "",
         f"**{'PASSED' if shipped else 'FAILED'}**" + (f": ships `{shipped}`" if shipped else ""),
+        *(["", result.choice_note] if result.choice_note else []),
         *(f"- {reason}" for reason in result.why_not),
         "",
         "Keyword scores (mean per kind, unstable cases as decided), reference NLL (nats/token, lower = more",

@@ -251,7 +251,8 @@ class GateParams:
     # (learn: fell by learn_min_nll_drop; keep: rose at most keep_max_nll_rise); keywords = as answered;
     # fail = 0 on every variant.
     unstable: Literal["likelihood", "keywords", "fail"] = "likelihood"
-    # which GGUF ships: auto = the smallest file that passes; or one of quantize.types / convert.outtype.
+    # which GGUF ships: auto = the smallest file that passes on its answers as given (no case decided as
+    # unstable), else the smallest that passes; or one of quantize.types / convert.outtype.
     ship: str = "auto"
 
 

@@ -3,6 +3,7 @@ verdict file."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -144,7 +145,7 @@ def test_the_verdict_reports_a_flipping_case_as_unstable_and_decides_it_by_likel
         "q8_0": evidence("q8_0", ALL_PASS, {**GOOD_NLL, "l2": 1.55}, GOOD_PROBES),
         "q4_k_m": evidence("q4_k_m", {**ALL_PASS, "l2": 0.0}, {**GOOD_NLL, "l2": 1.58}, GOOD_PROBES),
     }
-    result = decide(CASES, evidences, {"q8_0": 2000, "q4_k_m": 1000}, RULES)
+    result = decide(CASES, evidences, {"q8_0": 2000, "q4_k_m": 1000}, dataclasses.replace(RULES, ship="q4_k_m"))
     assert result.unstable == ["l2"] and result.shipped == "q4_k_m"  # as answered, 0.5 < learn_min_score
     verdict = result.verdict(gguf, "chatml", None, RULES)
     row = next(c for c in verdict.cases if c.id == "l2")
@@ -157,6 +158,27 @@ def test_the_verdict_reports_a_flipping_case_as_unstable_and_decides_it_by_likel
 
     strict = decide(CASES, evidences, {"q8_0": 2000, "q4_k_m": 1000}, GateParams(unstable="keywords"))
     assert strict.shipped == "q8_0" and strict.reasons["q4_k_m"][0] == "learn: mean score 0.500 < learn_min_score 0.75"
+
+
+def test_auto_ships_the_smallest_gguf_that_passes_on_its_answers_as_given_before_one_that_needs_unstable_cases():
+    evidences = {
+        "before": BASE,
+        "merged": evidence("merged", ALL_PASS, GOOD_NLL, GOOD_PROBES),
+        "q8_0": evidence("q8_0", ALL_PASS, {**GOOD_NLL, "l2": 1.55}, GOOD_PROBES),
+        "q4_k_m": evidence("q4_k_m", {**ALL_PASS, "l2": 0.0}, {**GOOD_NLL, "l2": 1.58}, GOOD_PROBES),
+    }
+    result = decide(CASES, evidences, {"q8_0": 2000, "q4_k_m": 1000}, RULES)
+    assert result.reasons["q4_k_m"] == [] and result.as_answered["q4_k_m"] != []  # passes only as decided
+    assert result.shipped == result.judged == "q8_0"
+    assert result.choice_note == (
+        "`q4_k_m` passed too, but only with unstable cases decided by their likelihood; `q8_0` passes on its "
+        "answers as given."
+    )
+    assert result.choice_note in report_markdown(result)
+    # when no GGUF passes as answered, the smallest that passes as decided ships
+    evidences["q8_0"] = evidence("q8_0", {**ALL_PASS, "l2": 0.0}, {**GOOD_NLL, "l2": 1.55}, GOOD_PROBES)
+    fallback = decide(CASES, evidences, {"q8_0": 2000, "q4_k_m": 1000}, RULES)
+    assert fallback.shipped == "q4_k_m" and fallback.choice_note is None
 
 
 def test_the_verdict_file_round_trips_and_deploy_refuses_a_missing_or_failed_one(tmp_path):
