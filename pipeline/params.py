@@ -465,7 +465,7 @@ def _cross_errors(params: Params, raw: Any) -> list[tuple[str, str]]:
     if params.modelfile.license is not None and (reason := _license_error(params.modelfile.license)):
         errors.append(("modelfile.license", reason))
     if params.train.replay_kl and params.train.packing:
-        reason = "needs train.packing: false (a packed row mixes replayed and other conversations)"
+        reason = "needs train.packing: false (a packed row mixes replayed and other conversations); 0 to pack"
         errors.append(("train.replay_kl", reason))
     return errors
 

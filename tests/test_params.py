@@ -108,7 +108,7 @@ def test_an_empty_file_means_all_defaults():
         (
             "train:\n  packing: true\n  replay_kl: 0.5\n",
             "params.yaml:3: train.replay_kl: needs train.packing: false (a packed row mixes replayed and other "
-            "conversations)",
+            "conversations); 0 to pack",
         ),
         ("gate:\n  max_forgetting: -1\n", "params.yaml:2: gate.max_forgetting: must be >= 0, got -1"),
         ("gate:\n  learn_min_nll_drop: lots\n", "gate.learn_min_nll_drop: expected a number, got 'lots'"),
