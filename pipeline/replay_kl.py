@@ -116,7 +116,7 @@ def objective(logits, labels, replay_tokens, base_logits_of, beta: float, num_it
         hits = int((picked.argmax(-1) == targets).sum())
         entropy = float(-(log_probs.exp() * log_probs).sum())
     loss = (ce + beta * kl) / torch.as_tensor(count).clamp(min=1)
-    return Objective(loss, int(answer.sum()), float(kl), int(replayed.sum()), hits, entropy)
+    return Objective(loss, int(answer.sum()), float(kl.detach()), int(replayed.sum()), hits, entropy)
 
 
 def trainer_class(beta: float):
