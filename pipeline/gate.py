@@ -212,7 +212,8 @@ def report_markdown(result: GateResult) -> str:
     if result.unstable:
         lines += [
             "",
-            f"Unstable (keyword score flips between variants, reference NLLs agree): {', '.join(result.unstable)}.",
+            "Unstable (keyword score differs between two variants whose reference NLLs agree): "
+            f"{', '.join(result.unstable)}.",
         ]
     lines += [
         "",

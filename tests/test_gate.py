@@ -153,7 +153,7 @@ def test_the_verdict_reports_a_flipping_case_as_unstable_and_decides_it_by_likel
     assert (row.nll_before, row.nll_after) == (4.0, 1.58)
     assert result.metrics()["unstable"] == 1
     report = report_markdown(result)
-    assert "Unstable (keyword score flips between variants, reference NLLs agree): l2." in report
+    assert "Unstable (keyword score differs between two variants whose reference NLLs agree): l2." in report
     assert "| l2 | learn | 0.00 | 1.00* | 1.00* | 0.00* | 4.000 → 1.580 |" in report
 
     strict = decide(CASES, evidences, {"q8_0": 2000, "q4_k_m": 1000}, GateParams(unstable="keywords"))
