@@ -17,6 +17,8 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
+from pipeline import packed_attention
+
 REPLAY_COLUMN = "replay"  # per conversation: true for base_answers' replayed ones
 REPLAY_TOKENS = "replay_tokens"  # per token, added by the collator: the token belongs to a replayed conversation
 
@@ -46,11 +48,11 @@ class ReplayTokenCollator:
         return batch
 
 
-def replay_segments(replay_tokens, cu_seq_lens) -> list[tuple[int, int]]:
-    """[(start, end)] of the replayed conversations in a padding-free row."""
-    bounds = [int(b) for b in cu_seq_lens.tolist()]
-    row = replay_tokens[0]
-    return [(start, end) for start, end in itertools.pairwise(bounds) if end > start and bool(row[start])]
+def replay_segments(replay_tokens, cu_seq_lens) -> list[tuple[int, int]] | None:
+    """[(start, end)] of the replayed conversations in a padding-free row; None when the row is not one of
+    several conversations (then the whole row is run)."""
+    spans = packed_attention.segments(cu_seq_lens, replay_tokens.shape[1])
+    return None if spans is None else [(start, end) for start, end in spans if bool(replay_tokens[0, start])]
 
 
 def sub_row(inputs: dict, spans: list[tuple[int, int]]) -> dict:
