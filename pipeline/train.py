@@ -475,6 +475,10 @@ def training_rows(data_dir: Path, replay: Path | None, train: TrainParams) -> tu
 
 
 def save_adapter(setup: TrainingSetup, base_dir: Path, out: Path) -> None:
+    for config in setup.trainer.model.peft_config.values():
+        # all-linear resolves to a set, written in hash order: one order, or the same adapter hashes anew each run
+        if isinstance(config.target_modules, set):
+            config.target_modules = sorted(config.target_modules)
     with atomic_directory(out) as tmp:
         # Resized embeddings (the added pad row) go with the adapter so merge rebuilds the same model.
         setup.trainer.model.save_pretrained(tmp, save_embedding_layers=setup.embeddings_resized)

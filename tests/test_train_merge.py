@@ -173,6 +173,12 @@ def test_train_writes_adapter_with_resized_embeddings_metrics_and_loss_curves(tr
         assert embedding_keys and all(weights.get_tensor(k).shape[0] == 513 for k in embedding_keys)
     assert json.loads((adapter / "tokenizer_config.json").read_text())["pad_token"] == "<pad>"
     assert "generation" not in (adapter / "chat_template.jinja").read_text()  # the serving template ships
+    # all-linear's modules in one order, so the same training writes the same adapter_config.json every run
+    modules = json.loads((adapter / "adapter_config.json").read_text())["target_modules"]
+    assert modules == sorted(modules)
+    assert {name.rsplit(".", 1)[-1] for name in modules} == {
+        "down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"
+    }  # fmt: skip
     metrics = json.loads((trained_and_merged / "train.json").read_text())
     assert metrics["embeddings_resized"] is True and metrics["pad_token"] == "<pad>"
     assert metrics["precision"] == precision(repo_params.train, Device.detect())
