@@ -127,6 +127,10 @@ class TrainParams:
     # > 0: a budget of optimizer steps (still at most `epochs` epochs), so a small dataset gets more passes
     # than a large one; -1 = exactly `epochs` epochs.
     max_steps: int = field(default=-1, metadata=_check(lambda v: v == -1 or v > 0, "must be -1 or > 0"))
+    # Learning-rate cycles of `max_steps` steps each (the schedule restarts; pipeline/cycles.py): after each,
+    # another one only while our training answers' mean NLL (nats/token) is above `fit_nll`. 1 = one schedule.
+    cycles: int = field(default=1, metadata=POSITIVE)
+    fit_nll: float = field(default=0.5, metadata=POSITIVE)
     # Replay: base_answers' conversations (the base's own answers to general prompts) mixed into training,
     # as a share of the training conversations (0.5: one replayed per two of ours); 0 = none.
     replay: float = field(default=0.0, metadata=NON_NEGATIVE)
@@ -464,6 +468,9 @@ def _cross_errors(params: Params, raw: Any) -> list[tuple[str, str]]:
         errors.append(error)
     if params.modelfile.license is not None and (reason := _license_error(params.modelfile.license)):
         errors.append(("modelfile.license", reason))
+    if params.train.cycles > 1 and params.train.packing:
+        reason = "needs train.packing: false (the fit is measured on our own conversations, not packed rows); 1 to pack"
+        errors.append(("train.cycles", reason))
     if params.train.replay_kl and params.train.packing:
         reason = "needs train.packing: false (a packed row mixes replayed and other conversations); 0 to pack"
         errors.append(("train.replay_kl", reason))

@@ -26,7 +26,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from pipeline import packed_attention, replay_kl
+from pipeline import cycles, packed_attention, replay_kl
 from pipeline.chat_templates import check_training_template, training_template
 from pipeline.common import (
     PipelineError,
@@ -237,11 +237,19 @@ def replay_mix(replay_rows: list[dict], share: float, train_count: int) -> list[
 
 
 def step_budget(train: TrainParams, conversations: int) -> int:
-    """Optimizer steps to run: `max_steps` when set, but never more than `epochs` passes; -1 = `epochs`."""
-    if train.max_steps <= 0:
+    """Optimizer steps to run: `cycles` cycles of `max_steps` (each at most `epochs` passes); -1 = `epochs`."""
+    if train.max_steps <= 0 and train.cycles == 1:
         return -1
-    steps_per_epoch = math.ceil(math.ceil(conversations / train.batch_size) / train.grad_accum)
-    return min(train.max_steps, train.epochs * steps_per_epoch)
+    return train.cycles * cycles.cycle_steps(train, conversations)
+
+
+def budget_text(train: TrainParams, max_steps: int) -> str:
+    if max_steps <= 0:
+        return f"{train.epochs} epochs"
+    if train.cycles == 1:
+        return f"{max_steps} steps"
+    cycle = max_steps // train.cycles
+    return f"at most {train.cycles} cycles of {cycle} steps (until our answers' NLL <= {train.fit_nll})"
 
 
 @dataclass
@@ -263,8 +271,9 @@ def build_trainer(
     data: DataParams,
     output_dir: Path,
     device: Device | None = None,
+    replayed: int = 0,
 ):
-    """The trainer over these conversations, ready to .train()."""
+    """The trainer over these conversations (the last `replayed` of them the base's), ready to .train()."""
     from datasets import Dataset
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
@@ -330,6 +339,9 @@ def build_trainer(
     )
     keeper = KeepBestAdapter(patience=train.early_stopping_patience)
     trainer_class = replay_kl.trainer_class(train.replay_kl) if train.replay_kl else SFTTrainer
+    cycle = cycles.cycle_steps(train, len(train_rows))
+    if train.cycles > 1:
+        trainer_class = cycles.trainer_class(trainer_class, cycle)
     trainer = trainer_class(
         model=model,
         args=config,
@@ -341,6 +353,10 @@ def build_trainer(
     )
     if train.replay_kl:
         trainer.data_collator = replay_kl.ReplayTokenCollator(trainer.data_collator)
+    if not train.packing:  # (packed rows mix conversations: params allow cycles > 1 only without packing)
+        # our own conversations (the replayed ones come last): how well they are fit decides another cycle
+        own = trainer.train_dataset.select(range(len(train_rows) - replayed))
+        trainer.add_callback(cycles.fit_callback(trainer, own, cycle, train.fit_nll))
     return TrainingSetup(trainer, tokenizer, shipped, resized, keeper)
 
 
@@ -500,7 +516,7 @@ def run(
     train_rows, eval_rows, replayed = training_rows(data_dir, replay, params.train)
     fingerprint = inputs_fingerprint(base_dir, data_dir, params.train, params.data, replay)
     checkpoints = checkpoint_root() / f"train-{fingerprint[:16]}"
-    setup = build_trainer(base_dir, train_rows, eval_rows, params.train, params.data, checkpoints)
+    setup = build_trainer(base_dir, train_rows, eval_rows, params.train, params.data, checkpoints, replayed=replayed)
     trainer, keeper = setup.trainer, setup.keeper
     key = os.environ.get(RECORD_KEY_ENV) or None
     trainer.add_callback(recorder_callback(fingerprint, key))  # after the keeper's: its files are in the record
@@ -526,7 +542,7 @@ def run(
             f"{trainable:,}",
             len(train_rows),
             replayed,
-            f"{trainer.args.max_steps} steps" if trainer.args.max_steps > 0 else f"{params.train.epochs} epochs",
+            budget_text(params.train, trainer.args.max_steps),
         )
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
@@ -539,6 +555,8 @@ def run(
 
     history = trainer.state.log_history
     train_curve, eval_curve = loss_curves(history)
+    fits = cycles.fits_in(history)
+    cycle_length = cycles.cycle_steps(params.train, len(train_rows))
     tokens = max((e.get("num_tokens", 0) for e in history), default=0)
     metrics = {
         "train_loss": train_curve[-1]["loss"] if train_curve else None,
@@ -548,6 +566,10 @@ def run(
         "best_epoch": keeper.best_epoch,
         "epochs_run": round(trainer.state.epoch or 0, 4),
         "steps": trainer.state.global_step,
+        "cycles_run": math.ceil(trainer.state.global_step / cycle_length),
+        # our training answers' NLL at each cycle's end: the last one at most train.fit_nll = they are fit
+        "fit": [fit.as_dict() for fit in fits],
+        "answer_nll": round(fits[-1].answer_nll, 4) if fits else None,
         "conversations": len(train_rows) - replayed,
         "replayed_conversations": replayed,
         "stopped_early": keeper.stopped_early,

@@ -68,6 +68,13 @@ def test_the_step_budget_gives_a_small_dataset_more_passes_but_never_more_than_e
     assert step_budget(TrainParams(epochs=6, max_steps=-1), 84) == -1  # exactly `epochs` epochs
 
 
+def test_with_cycles_the_budget_is_that_many_cycles_of_the_step_budget():
+    cycling = TrainParams(epochs=12, max_steps=42, batch_size=8, cycles=3)
+    assert step_budget(cycling, 84) == 126  # 3 cycles of 42 steps
+    assert step_budget(cycling, 8) == 36  # a cycle is still at most 12 passes: 3 cycles of 12 steps
+    assert step_budget(TrainParams(epochs=2, max_steps=-1, batch_size=8, cycles=2), 84) == 44  # 2 x 2 epochs of 11
+
+
 def test_the_stage_writes_probe_answers_and_replay_conversations_from_the_base(tiny_base, tmp_path):
     probes, replay = tmp_path / "probes.jsonl", tmp_path / "replay.jsonl"
     probes.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"Question {i}?"}) + "\n" for i in range(3)))

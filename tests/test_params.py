@@ -110,6 +110,13 @@ def test_an_empty_file_means_all_defaults():
             "params.yaml:3: train.replay_kl: needs train.packing: false (a packed row mixes replayed and other "
             "conversations); 0 to pack",
         ),
+        ("train:\n  cycles: 0\n", "params.yaml:2: train.cycles: must be > 0, got 0"),
+        ("train:\n  fit_nll: 0\n", "params.yaml:2: train.fit_nll: must be > 0, got 0"),
+        (
+            "train:\n  packing: true\n  cycles: 2\n",
+            "params.yaml:3: train.cycles: needs train.packing: false (the fit is measured on our own conversations, "
+            "not packed rows); 1 to pack",
+        ),
         ("gate:\n  max_forgetting: -1\n", "params.yaml:2: gate.max_forgetting: must be >= 0, got -1"),
         ("gate:\n  learn_min_nll_drop: lots\n", "gate.learn_min_nll_drop: expected a number, got 'lots'"),
         (

@@ -1,0 +1,141 @@
+"""Training in learning-rate cycles until our training answers are fit (train.cycles, train.fit_nll).
+
+A fixed count of steps or passes over-trains one dataset and under-trains another: how many passes a
+set of facts needs depends on how new they are to the base, not only on how many conversations carry
+them. So training runs in cycles of `max_steps` optimizer steps, the learning-rate schedule (cosine by
+default) restarting at each (a warm restart: Loshchilov & Hutter 2017, "SGDR"). At the end of every
+cycle, where the schedule has come down, the mean negative log-likelihood per answer token of our own
+training conversations (not the replayed ones) is measured with the adapter on and dropout off. At
+most `fit_nll`: the answers are fit and training stops there. Above it: one more cycle, at most `cycles`.
+
+The first cycle is the same run as a single schedule over `max_steps`: the same learning rates step for
+step, the same batches; the measurement draws on no random state.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+from pipeline.params import TrainParams
+from pipeline.replay_kl import REPLAY_TOKENS
+
+log = logging.getLogger(__name__)
+
+FIT_KEY = "answer_nll"  # the measurement's entry in the trainer's log history (kept in checkpoints)
+
+
+def cycle_steps(train: TrainParams, conversations: int) -> int:
+    """Optimizer steps of one cycle: `max_steps`, but never more than `epochs` passes; -1 = `epochs` passes."""
+    passes = train.epochs * math.ceil(math.ceil(conversations / train.batch_size) / train.grad_accum)
+    return passes if train.max_steps <= 0 else min(train.max_steps, passes)
+
+
+@dataclass(frozen=True)
+class Fit:
+    """The training answers' NLL at the end of one cycle."""
+
+    step: int
+    answer_nll: float  # nats per answer token, mean over our own training conversations
+
+    def as_dict(self) -> dict:
+        return {"step": self.step, FIT_KEY: round(self.answer_nll, 4)}
+
+
+def fits_in(log_history: list[dict]) -> list[Fit]:
+    return [Fit(entry["step"], entry[FIT_KEY]) for entry in log_history if FIT_KEY in entry]
+
+
+def restarting(scheduler_factory, optimizer, cycle: int):
+    """A LambdaLR that runs `scheduler_factory(optimizer, cycle)`'s schedule again every `cycle` steps."""
+    from torch.optim.lr_scheduler import LambdaLR
+
+    one_cycle = scheduler_factory(optimizer, cycle)
+    return LambdaLR(optimizer, [lambda step, f=f: f(step % cycle) for f in one_cycle.lr_lambdas])
+
+
+def answer_nll(trainer, dataset) -> float:
+    """Mean NLL per answer token of `dataset` (tokenized as the trainer's own) under the model as it is now:
+    adapter on, dropout off, no gradients. Summed over every process, so each one decides alike."""
+    import torch
+    import torch.nn.functional as F
+
+    model = trainer.model
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(2, dtype=torch.float64, device=trainer.args.device)
+    try:
+        with torch.no_grad():
+            for batch in trainer.get_eval_dataloader(dataset):
+                batch = {k: v.to(trainer.args.device) if hasattr(v, "to") else v for k, v in batch.items()}
+                batch.pop(REPLAY_TOKENS, None)
+                labels = batch.pop("labels")[:, 1:]
+                logits = model(**batch, use_cache=False).logits[:, :-1]
+                answer = labels != -100
+                totals[0] += F.cross_entropy(logits[answer].float(), labels[answer], reduction="sum").double()
+                totals[1] += answer.sum()
+    finally:
+        model.train(was_training)
+    totals = trainer.accelerator.reduce(totals, reduction="sum")
+    return float(totals[0] / totals[1].clamp(min=1))
+
+
+def trainer_class(base, cycle: int):
+    """`base` (an SFTTrainer class) whose learning-rate schedule restarts every `cycle` steps."""
+
+    class CyclingTrainer(base):
+        def create_scheduler(self, num_training_steps: int, optimizer=None):
+            from transformers import get_scheduler
+
+            def one_cycle(optimizer, steps):
+                return get_scheduler(
+                    self.args.lr_scheduler_type,
+                    optimizer=optimizer,
+                    num_warmup_steps=self.args.get_warmup_steps(steps),
+                    num_training_steps=steps,
+                    scheduler_specific_kwargs=self.args.lr_scheduler_kwargs,
+                )
+
+            if self.lr_scheduler is None:
+                self.lr_scheduler = restarting(one_cycle, optimizer or self.optimizer, cycle)
+                self._created_lr_scheduler = True
+            return self.lr_scheduler
+
+    return CyclingTrainer
+
+
+def fit_callback(trainer, own_dataset, cycle: int, fit_nll: float):
+    """At every cycle's end: measure the training answers' NLL, log it, and stop when it is at most `fit_nll`."""
+    from transformers import TrainerCallback
+
+    class _FitCheck(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step % cycle:
+                return
+            fit = Fit(state.global_step, answer_nll(trainer, own_dataset))
+            state.log_history.append(fit.as_dict())
+            cycles_run = state.global_step // cycle
+            fitted = fit.answer_nll <= fit_nll
+            if state.is_world_process_zero:
+                log.info(
+                    "cycle %d (step %d): training answers' NLL %.4f %s fit_nll %.4f%s",
+                    cycles_run,
+                    fit.step,
+                    fit.answer_nll,
+                    "<=" if fitted else ">",
+                    fit_nll,
+                    ": fit, training stops" if fitted and state.global_step < state.max_steps else "",
+                )
+            if fitted:
+                control.should_training_stop = True
+            elif state.global_step >= state.max_steps and state.is_world_process_zero:
+                log.warning(
+                    "the training answers are not fit after %d cycles (NLL %.4f > fit_nll %.4f): more "
+                    "train.cycles or a higher learning_rate would train longer; the gate judges what came out",
+                    cycles_run,
+                    fit.answer_nll,
+                    fit_nll,
+                )
+
+    return _FitCheck()
