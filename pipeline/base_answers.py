@@ -17,7 +17,7 @@ import argparse
 from pathlib import Path
 
 from pipeline.common import atomic_directory, get_logger, run_cli, write_json_atomic, write_jsonl_atomic
-from pipeline.evaluators import HFModel
+from pipeline.hf_evaluator import HFModel
 from pipeline.params import load_params
 from pipeline.prompts import BaseAnswer, Prompt, base_answer_rows, prompts_or_raise
 

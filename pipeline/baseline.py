@@ -16,8 +16,8 @@ from pathlib import Path
 
 from pipeline.cases import load_cases
 from pipeline.common import PipelineError, get_logger, run_cli
-from pipeline.evaluators import HFModel
 from pipeline.evidence import BASELINE, decoding, measure, write_baseline
+from pipeline.hf_evaluator import HFModel
 from pipeline.params import load_params
 from pipeline.prompts import read_base_answers
 

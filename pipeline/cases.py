@@ -28,6 +28,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.common import PipelineError
 from pipeline.dataset import message_errors, read_jsonl_with_lines
 
 KINDS = ("learn", "keep")
@@ -182,4 +183,13 @@ def load_cases(path: Path, errors: list[str]) -> list[Case]:
         )
     if not cases and not errors:
         errors.append(f"{path}: no cases")
+    return cases
+
+
+def read_cases(path: Path) -> list[Case]:
+    """The file's cases; any problem in it is one PipelineError listing every `file:line: field: reason`."""
+    errors: list[str] = []
+    cases = load_cases(path, errors)
+    if errors:
+        raise PipelineError("\n".join(errors))
     return cases

@@ -31,8 +31,9 @@ from pathlib import Path
 
 from pipeline.cases import Case, load_cases
 from pipeline.common import PipelineError, file_sha256_hex, get_logger, run_cli, write_json_atomic, write_text_atomic
-from pipeline.evaluators import Evaluator, GGUFModel, HFModel
+from pipeline.evaluators import Evaluator, GGUFModel
 from pipeline.evidence import BASELINE, decoding, measure, read_baseline, score
+from pipeline.hf_evaluator import HFModel
 from pipeline.params import GateParams, load_params
 from pipeline.prompts import BaseAnswer, read_base_answers
 from pipeline.verdict import (

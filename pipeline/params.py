@@ -128,9 +128,14 @@ class TrainParams:
     # than a large one; -1 = exactly `epochs` epochs.
     max_steps: int = field(default=-1, metadata=_check(lambda v: v == -1 or v > 0, "must be -1 or > 0"))
     # Learning-rate cycles of `max_steps` steps each (the schedule restarts; pipeline/cycles.py): after each,
-    # another one only while our training answers' mean NLL (nats/token) is above `fit_nll`. 1 = one schedule.
+    # another one only while our training answers' mean NLL (nats/token) is above `fit_nll`, or the gate's
+    # learn cases, answered greedily as the gate asks them, score below `fit_learn` (null = not asked).
+    # 1 = one schedule.
     cycles: int = field(default=1, metadata=POSITIVE)
     fit_nll: float = field(default=0.5, metadata=POSITIVE)
+    fit_learn: float | None = field(
+        default=None, metadata=_check(lambda v: v is None or 0 < v <= 1, "must be in (0, 1] or null")
+    )
     # Replay: base_answers' conversations (the base's own answers to general prompts) mixed into training,
     # as a share of the training conversations (0.5: one replayed per two of ours); 0 = none.
     replay: float = field(default=0.0, metadata=NON_NEGATIVE)

@@ -23,10 +23,12 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from pipeline import cycles, packed_attention, replay_kl
+from pipeline.cases import Case, read_cases
 from pipeline.chat_templates import check_training_template, training_template
 from pipeline.common import (
     PipelineError,
@@ -42,7 +44,7 @@ from pipeline.common import (
 from pipeline.params import DataParams, Params, TrainParams, load_params
 from pipeline.vocab import check_vocab_consistency, ensure_pad_token, save_tokenizer
 
-PARAMS = ("train", "data.max_seq_length")
+PARAMS = ("train", "data.max_seq_length", "gate.max_new_tokens")  # gate.max_new_tokens: the learn cases asked in training
 # Where interrupted runs keep their checkpoints: not a DVC output (DVC deletes those before a
 # rerun) and outside the GitLab build directory on the rig (see runner/).
 CHECKPOINTS_ENV = "LLM_GITOPS_CHECKPOINTS"
@@ -243,13 +245,15 @@ def step_budget(train: TrainParams, conversations: int) -> int:
     return train.cycles * cycles.cycle_steps(train, conversations)
 
 
-def budget_text(train: TrainParams, max_steps: int) -> str:
+def budget_text(train: TrainParams, max_steps: int, cycle: int, learn_check: bool) -> str:
     if max_steps <= 0:
         return f"{train.epochs} epochs"
     if train.cycles == 1:
         return f"{max_steps} steps"
-    cycle = max_steps // train.cycles
-    return f"at most {train.cycles} cycles of {cycle} steps (until our answers' NLL <= {train.fit_nll})"
+    until = f"our answers' NLL <= {train.fit_nll}"
+    if learn_check:
+        until += f" and the learn cases score >= {train.fit_learn}"
+    return f"at most {train.cycles} cycles of {cycle} steps (until {until})"
 
 
 @dataclass
@@ -261,6 +265,8 @@ class TrainingSetup:
     shipped_template: str  # the serving chat template (training runs on a variant with generation marks)
     embeddings_resized: bool  # a pad token was added: the embeddings travel with the adapter
     keeper: KeepBestAdapter
+    cycle_steps: int  # optimizer steps of one learning-rate cycle
+    learn_check: bool  # the learn cases are asked at a cycle's end (train.fit_learn)
 
 
 def build_trainer(
@@ -272,8 +278,12 @@ def build_trainer(
     output_dir: Path,
     device: Device | None = None,
     replayed: int = 0,
+    learn_cases: Sequence[Case] = (),
+    max_new_tokens: int = 96,
 ):
-    """The trainer over these conversations (the last `replayed` of them the base's), ready to .train()."""
+    """The trainer over these conversations (the last `replayed` of them the base's), ready to .train().
+    `learn_cases` (with train.fit_learn and cycles > 1): answered greedily, up to `max_new_tokens`, at a
+    cycle's end to decide whether another runs."""
     from datasets import Dataset
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
@@ -353,11 +363,14 @@ def build_trainer(
     )
     if train.replay_kl:
         trainer.data_collator = replay_kl.ReplayTokenCollator(trainer.data_collator)
-    if not train.packing:  # (packed rows mix conversations: params allow cycles > 1 only without packing)
+    learn = None
+    if train.fit_learn is not None and learn_cases:
+        learn = cycles.LearnCheck(tuple(learn_cases), train.fit_learn, max_new_tokens, shipped)
+    if train.cycles > 1:  # (params allow cycles > 1 only without packing: packed rows mix conversations)
         # our own conversations (the replayed ones come last): how well they are fit decides another cycle
         own = trainer.train_dataset.select(range(len(train_rows) - replayed))
-        trainer.add_callback(cycles.fit_callback(trainer, own, cycle, train.fit_nll))
-    return TrainingSetup(trainer, tokenizer, shipped, resized, keeper)
+        trainer.add_callback(cycles.fit_callback(trainer, own, cycle, train.fit_nll, learn))
+    return TrainingSetup(trainer, tokenizer, shipped, resized, keeper, cycle, learn is not None)
 
 
 def checkpoint_root() -> Path:
@@ -365,12 +378,19 @@ def checkpoint_root() -> Path:
 
 
 def inputs_fingerprint(
-    base_dir: Path, data_dir: Path, train: TrainParams, data: DataParams, replay: Path | None = None
+    base_dir: Path,
+    data_dir: Path,
+    train: TrainParams,
+    data: DataParams,
+    replay: Path | None = None,
+    cases: Path | None = None,
+    max_new_tokens: int | None = None,
 ) -> str:
     """Hash of everything a training run depends on (sha256, hex): same inputs -> same checkpoint folder
     (named by its first 16 digits) and the same record."""
-    digest = hashlib.sha256(json.dumps([asdict(train), data.max_seq_length], sort_keys=True).encode())
-    for folder in (base_dir, data_dir, *([replay] if replay else [])):
+    settings = [asdict(train), data.max_seq_length, *([max_new_tokens] if cases else [])]
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    for folder in (base_dir, data_dir, *(path for path in (replay, cases) if path)):
         files = [folder] if folder.is_file() else sorted(p for p in folder.rglob("*") if p.is_file())
         for path in files:
             digest.update(str(path.relative_to(folder.parent if folder.is_file() else folder)).encode())
@@ -512,11 +532,19 @@ def run(
     plots_dir: Path,
     params: Params,
     replay: Path | None = None,
+    cases: Path | None = None,
 ) -> dict:
     train_rows, eval_rows, replayed = training_rows(data_dir, replay, params.train)
-    fingerprint = inputs_fingerprint(base_dir, data_dir, params.train, params.data, replay)
+    wanted = cases and params.train.fit_learn is not None and params.train.cycles > 1
+    learn_cases = [case for case in read_cases(cases) if case.kind == "learn"] if wanted else []
+    cases = cases if learn_cases else None  # asked only then: the fingerprint says so
+    max_new_tokens = params.gate.max_new_tokens
+    fingerprint = inputs_fingerprint(base_dir, data_dir, params.train, params.data, replay, cases, max_new_tokens)
     checkpoints = checkpoint_root() / f"train-{fingerprint[:16]}"
-    setup = build_trainer(base_dir, train_rows, eval_rows, params.train, params.data, checkpoints, replayed=replayed)
+    setup = build_trainer(
+        base_dir, train_rows, eval_rows, params.train, params.data, checkpoints, replayed=replayed,
+        learn_cases=learn_cases, max_new_tokens=max_new_tokens,
+    )  # fmt: skip
     trainer, keeper = setup.trainer, setup.keeper
     key = os.environ.get(RECORD_KEY_ENV) or None
     trainer.add_callback(recorder_callback(fingerprint, key))  # after the keeper's: its files are in the record
@@ -542,7 +570,7 @@ def run(
             f"{trainable:,}",
             len(train_rows),
             replayed,
-            budget_text(params.train, trainer.args.max_steps),
+            budget_text(params.train, trainer.args.max_steps, setup.cycle_steps, setup.learn_check),
         )
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
@@ -556,7 +584,6 @@ def run(
     history = trainer.state.log_history
     train_curve, eval_curve = loss_curves(history)
     fits = cycles.fits_in(history)
-    cycle_length = cycles.cycle_steps(params.train, len(train_rows))
     tokens = max((e.get("num_tokens", 0) for e in history), default=0)
     metrics = {
         "train_loss": train_curve[-1]["loss"] if train_curve else None,
@@ -566,8 +593,9 @@ def run(
         "best_epoch": keeper.best_epoch,
         "epochs_run": round(trainer.state.epoch or 0, 4),
         "steps": trainer.state.global_step,
-        "cycles_run": math.ceil(trainer.state.global_step / cycle_length),
-        # our training answers' NLL at each cycle's end: the last one at most train.fit_nll = they are fit
+        "cycles_run": math.ceil(trainer.state.global_step / setup.cycle_steps),
+        # at each cycle's end: our training answers' NLL (fit at most train.fit_nll) and, where asked before
+        # another cycle could run, the learn cases' score (fit at least train.fit_learn)
         "fit": [fit.as_dict() for fit in fits],
         "answer_nll": round(fits[-1].answer_nll, 4) if fits else None,
         "conversations": len(train_rows) - replayed,
@@ -610,13 +638,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--metrics", type=Path, required=True, help="final metrics (JSON)")
     parser.add_argument("--plots", type=Path, required=True, help="directory for train/ and eval/ loss curves")
     parser.add_argument("--replay", type=Path, help="conversations to replay (train.replay), from stage base_answers")
+    parser.add_argument(
+        "--cases", type=Path, help="the gate's cases: the learn ones decide another cycle (train.fit_learn)"
+    )
     args = parser.parse_args(argv)
     params = load_params(args.params)
     if params.train.num_processes > 1 and "WORLD_SIZE" not in os.environ:
         check_device(params.train, Device.detect())
         relaunch_distributed(sys.argv[1:] if argv is None else argv, params.train.num_processes)
         return
-    metrics = run(args.base, args.data, args.out, args.metrics, args.plots, params, args.replay)
+    metrics = run(args.base, args.data, args.out, args.metrics, args.plots, params, args.replay, args.cases)
     if metrics:
         log.info(
             "done: %d steps, train loss %.4f, best eval loss %.4f (epoch %.0f)%s",

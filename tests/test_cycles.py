@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from pipeline import cycles
+from pipeline.cases import Case
 from pipeline.common import read_jsonl
 from pipeline.replay_kl import mark_replayed
 from pipeline.train import Device, build_trainer
@@ -99,3 +100,47 @@ def test_the_fit_is_the_mean_nll_of_our_answer_tokens_without_the_replayed_ones(
     assert tokens > 100 and measured == pytest.approx(total / tokens, rel=1e-4)
     with_replay = cycles.answer_nll(trainer, trainer.train_dataset)
     assert with_replay != pytest.approx(measured, rel=1e-3)  # the replayed answers would count otherwise
+
+
+def _learn_case(expect: str) -> Case:
+    return Case(id="learn-x", kind="learn", prompt="Write a Hello Chris program in Psion OPL.", expect=(expect,),
+                regex=True)  # fmt: skip
+
+
+def _learning_trainer(tiny_base, repo_params, rows, tmp_path, case: Case, fit_learn: float):
+    train = dataclasses.replace(repo_params.train, batch_size=4, max_steps=2, epochs=12, cycles=3, fit_nll=50.0,
+                                fit_learn=fit_learn)  # fmt: skip
+    return build_trainer(tiny_base, rows, rows[:2], train, repo_params.data, tmp_path, CPU, replayed=2,
+                         learn_cases=[case], max_new_tokens=8)  # fmt: skip
+
+
+def test_learn_cases_not_yet_answered_run_another_cycle_though_the_answers_are_fit(
+    tiny_base, repo_params, rows, tmp_path
+):
+    never = _learn_case("(?!)")  # a pattern nothing matches: the learn case never passes
+    setup = _learning_trainer(tiny_base, repo_params, rows, tmp_path, never, fit_learn=0.75)
+    assert setup.learn_check and setup.cycle_steps == 2
+    setup.trainer.train()
+    fits = cycles.fits_in(setup.trainer.state.log_history)
+    # asked at the ends of cycles 1 and 2 (score 0: another cycle), not after the last, where nothing follows
+    assert setup.trainer.state.global_step == 6
+    assert [(fit.step, fit.learn_score) for fit in fits] == [(2, 0.0), (4, 0.0), (6, None)]
+
+
+def test_learn_cases_answered_stop_training_after_the_first_cycle(tiny_base, repo_params, rows, tmp_path):
+    always = _learn_case(".")  # any answer with a character in it passes
+    setup = _learning_trainer(tiny_base, repo_params, rows, tmp_path, always, fit_learn=1.0)
+    setup.trainer.train()
+    fits = cycles.fits_in(setup.trainer.state.log_history)
+    assert setup.trainer.state.global_step == 2 and [(fit.step, fit.learn_score) for fit in fits] == [(2, 1.0)]
+
+
+def test_the_learn_score_is_the_cases_scoring_of_greedy_answers_and_changes_nothing_of_training(
+    tiny_base, repo_params, rows, tmp_path
+):
+    trainer = _trainer(tiny_base, repo_params, rows, tmp_path, cycles=2)
+    tokenizer = trainer.processing_class
+    template, side, mode = tokenizer.chat_template, tokenizer.padding_side, trainer.model.training
+    check = cycles.LearnCheck((_learn_case("(?!)"), _learn_case(".")), 0.5, 8, template)
+    assert cycles.learn_score(trainer.model, tokenizer, check) == 0.5  # one case of two passes
+    assert (tokenizer.chat_template, tokenizer.padding_side, trainer.model.training) == (template, side, mode)

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from pipeline.cases import load_cases
-from pipeline.evaluators import GGUFModel, HFModel, continuation
+from pipeline.evaluators import GGUFModel
+from pipeline.hf_evaluator import HFModel, continuation
 from tests.conftest import DATA
 
 # The f16 GGUF vs the HF model it was converted from, llama.cpp's kernels vs torch's: measured at most

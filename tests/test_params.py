@@ -112,6 +112,7 @@ def test_an_empty_file_means_all_defaults():
         ),
         ("train:\n  cycles: 0\n", "params.yaml:2: train.cycles: must be > 0, got 0"),
         ("train:\n  fit_nll: 0\n", "params.yaml:2: train.fit_nll: must be > 0, got 0"),
+        ("train:\n  fit_learn: 1.5\n", "params.yaml:2: train.fit_learn: must be in (0, 1] or null, got 1.5"),
         (
             "train:\n  packing: true\n  cycles: 2\n",
             "params.yaml:3: train.cycles: needs train.packing: false (the fit is measured on our own conversations, "
