@@ -44,7 +44,8 @@ from pipeline.common import (
 from pipeline.params import DataParams, Params, TrainParams, load_params
 from pipeline.vocab import check_vocab_consistency, ensure_pad_token, save_tokenizer
 
-PARAMS = ("train", "data.max_seq_length", "gate.max_new_tokens")  # gate.max_new_tokens: the learn cases asked in training
+# gate.max_new_tokens: the learn cases are answered in training as long as the gate lets them be (train.fit_learn)
+PARAMS = ("train", "data.max_seq_length", "gate.max_new_tokens")
 # Where interrupted runs keep their checkpoints: not a DVC output (DVC deletes those before a
 # rerun) and outside the GitLab build directory on the rig (see runner/).
 CHECKPOINTS_ENV = "LLM_GITOPS_CHECKPOINTS"
