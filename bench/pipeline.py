@@ -35,6 +35,7 @@ PLUMBING_GATE = {
     "learn_min_nll_drop": "0.0",
     "keep_max_nll_rise": "100.0",
     "max_forgetting": "100.0",
+    "fit_learn": "null",  # ...and training does not wait for tiny to learn them (train.fit_learn)
 }
 
 

@@ -186,6 +186,16 @@ def load_cases(path: Path, errors: list[str]) -> list[Case]:
     return cases
 
 
+# Stage prepare writes the learn cases alone here, in data/prepared/: training asks them (train.fit_learn),
+# so editing a keep case rescores without retraining.
+LEARN_CASES_FILE = "learn_cases.jsonl"
+
+
+def learn_rows(path: Path) -> list[dict]:
+    """The learn cases of a validated cases file, as written."""
+    return [row for _, row in read_jsonl_with_lines(path, []) if row.get("kind") == "learn"]
+
+
 def read_cases(path: Path) -> list[Case]:
     """The file's cases; any problem in it is one PipelineError listing every `file:line: field: reason`."""
     errors: list[str] = []

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from pipeline.cases import LEARN_CASES_FILE, learn_rows
 from pipeline.common import get_logger, run_cli, write_json_atomic, write_jsonl_atomic
 from pipeline.data_stats import write_histogram
 from pipeline.params import load_params
@@ -32,7 +33,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--allowlist", type=Path, help="deliberate example secrets or addresses, one per line (see pipeline.sensitive)"
     )
-    parser.add_argument("--out", type=Path, required=True, help="directory for train.jsonl and eval.jsonl")
+    parser.add_argument(
+        "--out", type=Path, required=True, help="directory for train.jsonl, eval.jsonl and learn_cases.jsonl"
+    )
     parser.add_argument("--metrics", type=Path, required=True, help="where to write the data metrics (JSON)")
     parser.add_argument("--lengths-plot", type=Path, help="token-length histogram per source (PNG)")
     args = parser.parse_args(argv)
@@ -43,6 +46,7 @@ def main(argv: list[str] | None = None) -> None:
         log.warning("%s", warning)
     for name, conversations in prepared.splits.items():
         write_jsonl_atomic(args.out / f"{name}.jsonl", [{"messages": m} for m in conversations])
+    write_jsonl_atomic(args.out / LEARN_CASES_FILE, learn_rows(args.cases))
     write_json_atomic(args.metrics, prepared.metrics)
     if args.lengths_plot:
         write_histogram(prepared.lengths, params.data.max_seq_length, args.lengths_plot)

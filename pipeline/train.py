@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from pipeline import cycles, packed_attention, replay_kl
-from pipeline.cases import Case, read_cases
+from pipeline.cases import Case, learn_rows, read_cases
 from pipeline.chat_templates import check_training_template, training_template
 from pipeline.common import (
     PipelineError,
@@ -536,7 +536,7 @@ def run(
     cases: Path | None = None,
 ) -> dict:
     train_rows, eval_rows, replayed = training_rows(data_dir, replay, params.train)
-    wanted = cases and params.train.fit_learn is not None and params.train.cycles > 1
+    wanted = cases and params.train.fit_learn is not None and params.train.cycles > 1 and learn_rows(cases)
     learn_cases = [case for case in read_cases(cases) if case.kind == "learn"] if wanted else []
     cases = cases if learn_cases else None  # asked only then: the fingerprint says so
     max_new_tokens = params.gate.max_new_tokens
@@ -640,7 +640,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--plots", type=Path, required=True, help="directory for train/ and eval/ loss curves")
     parser.add_argument("--replay", type=Path, help="conversations to replay (train.replay), from stage base_answers")
     parser.add_argument(
-        "--cases", type=Path, help="the gate's cases: the learn ones decide another cycle (train.fit_learn)"
+        "--cases", type=Path, help="stage prepare's learn_cases.jsonl: they decide another cycle (train.fit_learn)"
     )
     args = parser.parse_args(argv)
     params = load_params(args.params)
