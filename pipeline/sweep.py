@@ -49,8 +49,14 @@ log = get_logger("sweep")
 GATE_NO_FAIL = "LLM_GITOPS_GATE_NO_FAIL"
 REPORTS = Path("reports/sweep")
 # each poll starts a `dvc queue status` process (≈1 s of CPU): on a 2-core rig every 5 s took a tenth of the
-# training; points run for minutes, so the progress lines can be 15 s late
-POLL_S = 15.0
+# training. So polls back off: 1 s after something changed, then 1.5x longer each time up to 15 s; a point
+# that runs for minutes costs a poll per 15 s, a short one (a gate-only point: seconds) is seen seconds late
+POLL_FIRST_S = 1.0
+POLL_MAX_S = 15.0
+POLL_GROWTH = 1.5
+# tasks waiting, none running and no worker: gone if one was seen since it was started (two polls in a row),
+# else once this long has passed (a worker takes seconds to start and show in `dvc queue status`)
+WORKERLESS_S = 20.0
 UNFINISHED = ("Queued", "Running")
 TASK_LINE = re.compile(r"^(?P<task>[0-9a-f]{7,})\s+(?P<name>\S+)\s+.*\s(?P<status>\w+)$")
 WORKER_LINE = re.compile(r"^Worker status: (?P<active>\d+) active, (?P<idle>\d+) idle$", re.MULTILINE)
@@ -130,6 +136,11 @@ def _minutes(seconds: float) -> str:
     return f"{seconds / 60:.1f} min" if seconds >= 90 else f"{seconds:.0f} s"
 
 
+def next_poll(interval: float, changed: bool) -> float:
+    """Seconds until the next queue poll: POLL_FIRST_S after a change, else growing to POLL_MAX_S."""
+    return POLL_FIRST_S if changed else min(interval * POLL_GROWTH, POLL_MAX_S)
+
+
 def run_sweep(sweep: Sweep, replace: bool) -> list[Task]:
     """Queue every point, run them one at a time, report progress; the finished tasks of this sweep."""
     leftover = [t for t in queue_tasks() if t.status in UNFINISHED]
@@ -159,24 +170,42 @@ def run_sweep(sweep: Sweep, replace: bool) -> list[Task]:
     seen: dict[str, str] = {}
     durations: list[float] = []
     running_since: dict[str, float] = {}  # task -> when it was first seen running
-    workerless_polls = vanished_polls = 0
+    workerless_since: float | None = None
+    worker_seen = False  # since the last start_worker()
+    workerless_polls = 0
+    vanished_polls = 0
+    interval = POLL_FIRST_S
     while True:
         ours = [t for t in queue_tasks() if t.task not in before]
         # DVC's filesystem broker can keep a shutdown for the worker's name (measured: after an earlier sweep's
         # `dvc queue stop`, the next worker logged "Got shutdown from remote" on start, ran its first task and
-        # left the others queued): with tasks waiting, nothing running and no worker twice in a row, start one
-        waiting = any(t.status == "Queued" for t in ours) and not any(t.status == "Running" for t in ours)
-        workerless_polls = workerless_polls + 1 if waiting and not queue_workers() else 0
-        if workerless_polls >= 2:
+        # left the others queued): with tasks waiting and nothing running, a worker that is gone is replaced
+        running = any(t.status == "Running" for t in ours)
+        waiting = any(t.status == "Queued" for t in ours) and not running
+        workers = queue_workers() if waiting else 0  # another `dvc queue status`: only when it matters
+        worker_seen = worker_seen or running or workers > 0
+        if waiting and not workers:
+            workerless_since = workerless_since or time.monotonic()
+            workerless_polls += 1
+        else:
+            workerless_since, workerless_polls = None, 0
+        gone = (
+            workerless_polls >= 2
+            if worker_seen
+            else workerless_polls and time.monotonic() - workerless_since >= WORKERLESS_S
+        )
+        if gone:
             queued = sum(t.status == "Queued" for t in ours)
             log.warning("the queue's worker stopped with %d task(s) of this sweep queued; starting another", queued)
             start_worker()
-            workerless_polls = 0
+            workerless_since, workerless_polls, worker_seen = None, 0, False
+        changed = False
         # a point that finished is reported before the next one that started in the same poll
         for task in sorted(ours, key=lambda t: t.status in UNFINISHED):
             if seen.get(task.task) == task.status:
                 continue
             seen[task.task] = task.status
+            changed = True
             done = sum(t.status not in UNFINISHED for t in ours)
             if task.status == "Running":
                 running_since[task.task] = time.monotonic()
@@ -198,7 +227,8 @@ def run_sweep(sweep: Sweep, replace: bool) -> list[Task]:
                 log.warning("%d point(s) left the queue without running (removed?): %s", len(missing),
                             ", ".join(missing))  # fmt: skip
                 break
-        time.sleep(POLL_S)
+        interval = next_poll(interval, changed)
+        time.sleep(interval)
     stop_workers()
     log.info("sweep %s: %d experiments in %s", sweep.name, len(names), _minutes(time.monotonic() - started))
     return ours

@@ -238,3 +238,71 @@ def test_a_point_removed_from_the_queue_ends_the_sweep_with_a_warning_instead_of
 
     assert [t.name for t in tasks] == ["recipe-1", "recipe-2", "recipe-4"]
     assert "1 point(s) left the queue without running (removed?): recipe-3" in caplog.text
+
+
+def test_the_queue_is_polled_a_second_after_a_change_then_less_often_up_to_fifteen_seconds(monkeypatch):
+    """Each poll is a `dvc queue status` process (about 1 s of CPU beside the training): a point seen
+    running is polled after 1, 1.5, 2.25 ... s, at most every 15 s; a gate-only point of seconds is seen
+    finished seconds late, not 15 s late. The queue is a double of `dvc queue status`'s lines."""
+    from pipeline import sweep as sweep_cli
+    from pipeline.sweep import Task
+
+    sweep = load_sweep(ROOT / "sweeps" / "recipe.yaml", ROOT / "params.yaml")
+    names = [sweep.experiment(point) for point in sweep.points]
+    statuses = ["Queued", "Running", *["Running"] * 9, "Success"]
+    polls = iter(range(1000))
+
+    def queue_tasks():
+        poll = next(polls)
+        if poll < 2:
+            return []  # the leftover check and the snapshot before queuing: an empty queue
+        status = statuses[min(poll - 2, len(statuses) - 1)]
+        return [Task(f"t{i}", name, status) for i, name in enumerate(names)]
+
+    slept: list[float] = []
+    monkeypatch.setattr(sweep_cli, "queue_tasks", queue_tasks)
+    monkeypatch.setattr(sweep_cli, "dvc", lambda *args: "")
+    monkeypatch.setattr(sweep_cli, "shown", lambda rev="HEAD": [])
+    monkeypatch.setattr(sweep_cli, "start_worker", lambda: None)
+    monkeypatch.setattr(sweep_cli, "stop_workers", lambda: None)
+    monkeypatch.setattr(sweep_cli, "queue_workers", lambda: 1)
+    monkeypatch.setattr(sweep_cli.time, "sleep", slept.append)
+
+    sweep_cli.run_sweep(sweep, replace=False)
+
+    assert slept == [1.0, 1.0, 1.5, 2.25, 3.375, 5.0625, 7.59375, 11.390625, 15.0, 15.0, 15.0]
+
+
+def test_a_worker_that_ran_a_point_and_left_the_others_queued_is_replaced_after_two_polls(monkeypatch):
+    """DVC's worker can take a shutdown meant for an earlier one, run one task and leave (see
+    tests/test_sweep_dvc.py): once a worker was seen, two polls with tasks queued, none running and no
+    worker start another, without waiting WORKERLESS_S. The queue and its workers are doubles."""
+    from pipeline import sweep as sweep_cli
+    from pipeline.sweep import Task
+
+    sweep = load_sweep(ROOT / "sweeps" / "recipe.yaml", ROOT / "params.yaml")
+    first, *others = [sweep.experiment(point) for point in sweep.points]
+    started: list[int] = []  # the poll at which each worker was started
+    poll = -3  # the leftover check and the snapshot before queuing come first: polls -2 and -1
+
+    def queue_tasks():
+        nonlocal poll
+        poll += 1
+        if poll < 0:
+            return []
+        first_status = "Running" if poll == 0 else "Success"
+        rest = "Success" if len(started) > 1 and poll > started[-1] else "Queued"
+        return [Task("t0", first, first_status), *(Task(f"t{i}", n, rest) for i, n in enumerate(others, 1))]
+
+    monkeypatch.setattr(sweep_cli, "queue_tasks", queue_tasks)
+    monkeypatch.setattr(sweep_cli, "dvc", lambda *args: "")
+    monkeypatch.setattr(sweep_cli, "shown", lambda rev="HEAD": [])
+    monkeypatch.setattr(sweep_cli, "start_worker", lambda: started.append(poll))
+    monkeypatch.setattr(sweep_cli, "stop_workers", lambda: None)
+    monkeypatch.setattr(sweep_cli, "queue_workers", lambda: 0)  # the worker left after the first point
+    monkeypatch.setattr(sweep_cli.time, "sleep", lambda seconds: None)
+
+    tasks = sweep_cli.run_sweep(sweep, replace=False)
+
+    assert started == [-1, 2]  # the sweep's own worker, then another at the second workerless poll
+    assert all(t.status == "Success" for t in tasks)

@@ -149,7 +149,9 @@ def test_a_second_sweep_in_the_same_repository_runs_every_point(scratch, swept):
     filesystem broker can still hold a shutdown for it (measured here: the worker logged "Got shutdown from
     remote" on start, ran one task and left the rest queued): the sweep starts another worker then."""
     (scratch / "sweeps" / "again.yaml").write_text(
-        "name: again\nmax_points: 2\npoints:\n  - {gate.keep_max_drop: 0.5}\n  - {gate.keep_max_drop: 0.25}\n"
+        # train.max_steps 1 as in the first sweep: DVC's run-cache restores its training, only the gate runs
+        "name: again\nmax_points: 2\npoints:\n"
+        "  - {train.max_steps: 1, gate.keep_max_drop: 0.5}\n  - {train.max_steps: 1, gate.keep_max_drop: 0.25}\n"
     )
     output = ok([sys.executable, "-m", "pipeline.sweep", "run", "sweeps/again.yaml"], scratch)
 
