@@ -237,3 +237,36 @@ def test_an_embedded_gguf_is_parsed_once_while_the_base_is_materialised():
         assert gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 30) is names
         assert first.fields["general.architecture"].contents() == "llama"
     assert gguf.GGUFReader is type(first)  # the real class again
+
+
+def test_an_embedded_gguf_tokenizer_is_converted_once_per_working_directory_and_read_back_the_same(
+    tmp_path, monkeypatch
+):
+    """transformers converts a GGUF's tokenizer in Python (seconds for SmolLM2's 49k tokens); prepare, the
+    data checks and base each need it, so it is kept in .cache/tokenizers/ and read back from there."""
+    from transformers import AutoTokenizer
+
+    from pipeline.models import TOKENIZER_CACHE, load_tokenizer
+    from pipeline.params import BaseParams
+
+    monkeypatch.chdir(tmp_path)
+    real = AutoTokenizer.from_pretrained
+    conversions: list[str] = []
+
+    def counting(path, *args, **kwargs):
+        if kwargs.get("gguf_file"):
+            conversions.append(kwargs["gguf_file"])
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", counting)
+    base = BaseParams(model="smollm2")
+    converted = load_tokenizer(base, [], tmp_path)
+    [cached] = (tmp_path / TOKENIZER_CACHE).iterdir()
+    read_back = load_tokenizer(base, [], tmp_path)
+
+    assert len(conversions) == 1 and conversions[0].endswith(".gguf")
+    files = sorted(p.name for p in cached.iterdir())
+    assert files == ["chat_template.jinja", "tokenizer.json", "tokenizer_config.json"]
+    messages = [{"role": "user", "content": 'PROC  main:\n  PRINT "é"'}, {"role": "assistant", "content": "ok"}]
+    assert read_back.apply_chat_template(messages) == converted.apply_chat_template(messages)
+    assert read_back.get_vocab() == converted.get_vocab() and read_back.chat_template == converted.chat_template
