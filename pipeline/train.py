@@ -644,8 +644,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     params = load_params(args.params)
+    check_device(params.train, Device.detect())  # before PEFT and TRL load (seconds): a CUDA-only setting stops here
     if params.train.num_processes > 1 and "WORLD_SIZE" not in os.environ:
-        check_device(params.train, Device.detect())
         relaunch_distributed(sys.argv[1:] if argv is None else argv, params.train.num_processes)
         return
     metrics = run(args.base, args.data, args.out, args.metrics, args.plots, params, args.replay, args.cases)
