@@ -6,10 +6,13 @@ import json
 import os
 import subprocess
 
+import pytest
+
 from tests.conftest import ROOT
 from tests.test_resume import params_file, train_command
 
 
+@pytest.mark.slow
 def test_two_processes_take_the_same_optimizer_steps_and_write_outputs_once(
     tmp_path, tiny_base, tiny_prepared, tiny_params_file
 ):

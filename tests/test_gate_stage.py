@@ -349,6 +349,7 @@ SMOLLM2_OVERTRAIN = {
 }
 
 
+@pytest.mark.slow
 def test_an_overtrained_smollm2_run_fails_the_keep_and_forgetting_rules_and_names_what_it_broke(
     smollm2_base, tmp_path, monkeypatch, one_thread
 ):

@@ -491,6 +491,7 @@ def test_the_manual_sweep_fanout_job_writes_the_child_pipeline_and_refuses_witho
         artifact.unlink(missing_ok=True)
 
 
+@pytest.mark.slow
 def test_merge_request_cpu_jobs_run_and_post_the_report_note(gitlab_ci_local, project, venv_for_jobs):
     """The whole MR pipeline through gitlab-ci-local: lint, a quick test selection (PYTEST_ARGS, so the suite
     does not recurse into this test), dataset validation with `dvc repro prepare`, and the report posted to
@@ -645,6 +646,7 @@ def loss_tsv(losses: list[float]) -> str:
     return "step\tepoch\tloss\n" + "".join(f"{i * 7 + 1}\t{i / 6:.4f}\t{v:.6f}\n" for i, v in enumerate(losses))
 
 
+@pytest.mark.slow
 def test_candidate_report_job_posts_the_note_with_its_pictures_uploaded_once(gitlab_ci_local, project, venv_for_jobs):
     """`candidate-report` (the `mr-report` job after a candidate) on the artifacts `train-candidate` leaves:
     the candidate's gate and loss curves, and the target's curves it exported. The rig cannot run here, so

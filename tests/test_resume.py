@@ -16,6 +16,8 @@ from pipeline import train
 from pipeline.params import load_params
 from tests.conftest import ROOT
 
+pytestmark = pytest.mark.slow  # see pyproject.toml's markers
+
 STEPS = 35  # 5 epochs x 7 batches of the committed dataset
 
 

@@ -18,6 +18,8 @@ import pytest
 import yaml
 from gitlab_api_double import GitLabDouble, GitLabState
 
+pytestmark = pytest.mark.slow  # see pyproject.toml's markers
+
 SWEEP = """\
 name: tiny
 max_points: 4
