@@ -210,6 +210,19 @@ def test_the_merge_request_needs_a_token_the_api_url_and_the_project():
     assert gitlab_settings({**env, "GITLAB_REPORT_TOKEN": "r"}) == ("https://gitlab.example.com", "42", "r")
 
 
+def double_the_queue(monkeypatch, queue_tasks, workers: int = 0, start_worker=lambda: None, sleep=lambda s: None):
+    """pipeline.sweep with `dvc queue` replaced: `queue_tasks` gives each poll's lines, `workers` the count."""
+    from pipeline import sweep as sweep_cli
+
+    monkeypatch.setattr(sweep_cli, "queue_tasks", queue_tasks)
+    monkeypatch.setattr(sweep_cli, "dvc", lambda *args: "")
+    monkeypatch.setattr(sweep_cli, "shown", lambda rev="HEAD": [])
+    monkeypatch.setattr(sweep_cli, "start_worker", start_worker)
+    monkeypatch.setattr(sweep_cli, "stop_workers", lambda: None)
+    monkeypatch.setattr(sweep_cli, "queue_workers", lambda: workers)
+    monkeypatch.setattr(sweep_cli.time, "sleep", sleep)
+
+
 def test_a_point_removed_from_the_queue_ends_the_sweep_with_a_warning_instead_of_waiting_forever(monkeypatch, caplog):
     """`dvc queue remove <name>` takes a point off the queue: it never finishes, and the sweep used to poll for it
     forever. The queue here is a double of `dvc queue status`'s lines; the other points finished."""
@@ -225,13 +238,7 @@ def test_a_point_removed_from_the_queue_ends_the_sweep_with_a_warning_instead_of
         finished = [Task(f"t{i}", f"recipe-{i}", "Success") for i in (1, 2, 4)]  # recipe-3 was removed
         return finished
 
-    monkeypatch.setattr(sweep_cli, "queue_tasks", queue_tasks)
-    monkeypatch.setattr(sweep_cli, "dvc", lambda *args: "")
-    monkeypatch.setattr(sweep_cli, "shown", lambda rev="HEAD": [])
-    monkeypatch.setattr(sweep_cli, "start_worker", lambda: None)
-    monkeypatch.setattr(sweep_cli, "stop_workers", lambda: None)
-    monkeypatch.setattr(sweep_cli, "queue_workers", lambda: 0)
-    monkeypatch.setattr(sweep_cli.time, "sleep", lambda seconds: None)
+    double_the_queue(monkeypatch, queue_tasks)
 
     with caplog.at_level("WARNING"):
         tasks = sweep_cli.run_sweep(sweep, replace=False)
@@ -260,13 +267,7 @@ def test_the_queue_is_polled_a_second_after_a_change_then_less_often_up_to_fifte
         return [Task(f"t{i}", name, status) for i, name in enumerate(names)]
 
     slept: list[float] = []
-    monkeypatch.setattr(sweep_cli, "queue_tasks", queue_tasks)
-    monkeypatch.setattr(sweep_cli, "dvc", lambda *args: "")
-    monkeypatch.setattr(sweep_cli, "shown", lambda rev="HEAD": [])
-    monkeypatch.setattr(sweep_cli, "start_worker", lambda: None)
-    monkeypatch.setattr(sweep_cli, "stop_workers", lambda: None)
-    monkeypatch.setattr(sweep_cli, "queue_workers", lambda: 1)
-    monkeypatch.setattr(sweep_cli.time, "sleep", slept.append)
+    double_the_queue(monkeypatch, queue_tasks, workers=1, sleep=slept.append)
 
     sweep_cli.run_sweep(sweep, replace=False)
 
@@ -294,13 +295,8 @@ def test_a_worker_that_ran_a_point_and_left_the_others_queued_is_replaced_after_
         rest = "Success" if len(started) > 1 and poll > started[-1] else "Queued"
         return [Task("t0", first, first_status), *(Task(f"t{i}", n, rest) for i, n in enumerate(others, 1))]
 
-    monkeypatch.setattr(sweep_cli, "queue_tasks", queue_tasks)
-    monkeypatch.setattr(sweep_cli, "dvc", lambda *args: "")
-    monkeypatch.setattr(sweep_cli, "shown", lambda rev="HEAD": [])
-    monkeypatch.setattr(sweep_cli, "start_worker", lambda: started.append(poll))
-    monkeypatch.setattr(sweep_cli, "stop_workers", lambda: None)
-    monkeypatch.setattr(sweep_cli, "queue_workers", lambda: 0)  # the worker left after the first point
-    monkeypatch.setattr(sweep_cli.time, "sleep", lambda seconds: None)
+    # no worker shows after the first point: it left
+    double_the_queue(monkeypatch, queue_tasks, start_worker=lambda: started.append(poll))
 
     tasks = sweep_cli.run_sweep(sweep, replace=False)
 
