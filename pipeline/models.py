@@ -169,7 +169,7 @@ def _gguf_tokenizer(gguf: Path):
         scratch.chmod(0o755)  # mkdtemp's is 0700
         os.replace(scratch, cached)  # whole or not at all; another process that got there first wins
     except OSError:
-        pass  # `cached` exists already (a non-empty directory is not replaced)
+        pass  # a cache entry another process wrote first, or none written: the tokenizer is the same either way
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return tokenizer

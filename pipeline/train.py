@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from pipeline import cycles, packed_attention, replay_kl
-from pipeline.cases import Case, learn_rows, read_cases
+from pipeline.cases import Case, read_cases
 from pipeline.chat_templates import check_training_template, training_template
 from pipeline.common import (
     PipelineError,
@@ -536,7 +536,8 @@ def run(
     cases: Path | None = None,
 ) -> dict:
     train_rows, eval_rows, replayed = training_rows(data_dir, replay, params.train)
-    wanted = cases and params.train.fit_learn is not None and params.train.cycles > 1 and learn_rows(cases)
+    # an empty file: prepare found no learn cases (read_cases refuses a file without any)
+    wanted = cases and params.train.fit_learn is not None and params.train.cycles > 1 and cases.stat().st_size
     learn_cases = [case for case in read_cases(cases) if case.kind == "learn"] if wanted else []
     cases = cases if learn_cases else None  # asked only then: the fingerprint says so
     max_new_tokens = params.gate.max_new_tokens
