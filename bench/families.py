@@ -14,14 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import tempfile
 from pathlib import Path
 
-from bench.gguf import measure, table
-from bench.pipeline import RESULTS, ROOT
+from bench.common import RESULTS, ROOT, machine, measure_process, table
 
 
 def reference_command(model_dir: Path, out: Path, family: str) -> list[str]:
@@ -65,7 +62,7 @@ def bench_model(merged: Path, family: str, name: str, work: Path) -> dict:
         ("stage convert", ours),
         ("llama.cpp converter", reference_command(merged, work / "ref.gguf", family)),
     ):
-        wall, peak = measure(command, ROOT)
+        wall, peak = measure_process(command, ROOT)
         rows.append({"converter": converter, "wall_s": round(wall, 2), "peak_rss_mib": round(peak)})
         print(f"  {name:12} {converter:20} {wall:6.2f} s  {peak:6.0f} MiB", file=sys.stderr)
     checkpoint = sum(p.stat().st_size for p in merged.glob("*.safetensors"))
@@ -94,9 +91,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     families = [family for family in args.family or tiny_families.FAMILIES if family != "none"]
     results = [bench_family(family) for family in families] + [bench_saved_model(path) for path in args.model]
-    machine = {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine()}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "families.json").write_text(json.dumps({"machine": machine, "results": results}, indent=2) + "\n")
+    (RESULTS / "families.json").write_text(json.dumps({"machine": machine(), "results": results}, indent=2) + "\n")
     header = ["tiny family (fp16 checkpoint)", "converter", "wall (s)", "peak RSS (MiB)"]
     rows = [
         [f"{result['family']} ({result['checkpoint_mb']} MB)", r["converter"], r["wall_s"], r["peak_rss_mib"]]

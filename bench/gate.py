@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -24,7 +22,7 @@ from statistics import median
 
 import yaml
 
-from bench.pipeline import RESULTS, ROOT, measure
+from bench.common import RESULTS, ROOT, machine, measure_tree
 
 
 def has_baseline_stage(checkout: Path) -> bool:
@@ -75,9 +73,9 @@ def main(argv: list[str] | None = None) -> None:
                     out = Path(tmp) / f"out-{name}"
                     out.mkdir(exist_ok=True)
                     if has_baseline_stage(checkout):
-                        wall, _ = measure(baseline_command(checkout, out), checkout)
+                        wall, _ = measure_tree(baseline_command(checkout, out), checkout)
                         times[f"{name}_baseline"].append(round(wall, 1))
-                    wall, _ = measure(gate_command(checkout, out), checkout)
+                    wall, _ = measure_tree(gate_command(checkout, out), checkout)
                     times[name].append(round(wall, 1))
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(earlier)], cwd=ROOT, check=True)
@@ -85,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     baseline = median(times["after_baseline"]) if times["after_baseline"] else 0.0
     result = {"model": model, "before_revision": args.before, "seconds": times,
               "ratio_retrain": round(after / before, 2), "ratio_fresh": round((after + baseline) / before, 2),
-              "machine": {"cpus": os.cpu_count(), "processor": platform.processor()}}  # fmt: skip
+              "machine": machine()}  # fmt: skip
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"gate-{model}.json").write_text(json.dumps(result, indent=2) + "\n")
     print(

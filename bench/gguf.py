@@ -12,46 +12,15 @@ stdout and bench/results/gguf-<model>.json.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
-import platform
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import yaml
 
-from bench.pipeline import RESULTS, ROOT
-
-
-def measure(command: list[str], cwd: Path) -> tuple[float, float]:
-    """(wall seconds, peak RSS in MiB) of `command`; raises if it fails.
-
-    The peak is the process's own VmHWM, polled from /proc after its exec: getrusage's ru_maxrss
-    would include the parent's memory (the child is forked from it), which here holds a model.
-    """
-    argv = "\0".join(command).encode()
-    started = time.perf_counter()
-    with tempfile.TemporaryFile() as stderr:
-        process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=stderr)
-        peak_kib = 0
-        while process.poll() is None:
-            with contextlib.suppress(OSError):
-                if Path(f"/proc/{process.pid}/cmdline").read_bytes().rstrip(b"\0") == argv:  # exec'd
-                    status = Path(f"/proc/{process.pid}/status").read_text()
-                    peak_kib = max(
-                        [peak_kib] + [int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")]
-                    )
-            time.sleep(0.02)
-        wall = time.perf_counter() - started
-        if process.returncode != 0:
-            stderr.seek(0)
-            raise RuntimeError(f"{' '.join(command)} failed:\n{stderr.read().decode()[-3000:]}")
-    return wall, peak_kib / 1024
+from bench.common import RESULTS, ROOT, machine, measure_process, table
 
 
 def merged_like(model: str, out: Path) -> None:
@@ -92,23 +61,17 @@ def bench_model(model: str) -> dict:
         rows = []
         for name, args in steps:
             metrics = work / f"{name.replace(' ', '-')}.json"
-            wall, peak = measure([sys.executable, "-m", *args, "--metrics", str(metrics)], ROOT)
+            wall, peak = measure_process([sys.executable, "-m", *args, "--metrics", str(metrics)], ROOT)
             size = Path(args[args.index("--out") + 1]).stat().st_size / 1e6
             rows.append({"step": name, "wall_s": round(wall, 1), "peak_rss_mib": round(peak), "mb": round(size, 1)})
             print(f"  {model:8} {name:16} {wall:6.1f} s  {peak:6.0f} MiB  {size:7.1f} MB", file=sys.stderr)
         checkpoint = sum(p.stat().st_size for p in (work / "merged").glob("*.safetensors"))
     return {
         "model": model,
-        "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine()},
+        "machine": machine(),
         "checkpoint_mb": round(checkpoint / 1e6, 1),
         "steps": rows,
     }
-
-
-def table(header: list[str], rows: list[list], text_columns: int = 2) -> str:
-    """A Markdown table; the first `text_columns` left-aligned, the others (numbers) right-aligned."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * text_columns + "---:|" * (len(header) - text_columns)]
-    return "\n".join(lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows])
 
 
 def markdown(results: list[dict]) -> str:

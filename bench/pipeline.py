@@ -11,20 +11,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results"
+from bench.common import RESULTS, ROOT, machine, measure_tree
+
 # tiny (a random 2-layer Llama) learns nothing the committed gate cases ask, so on tiny the gate only has
 # to run: its thresholds are opened. tests/test_gate_stage.py proves the gate's judgement itself.
 PLUMBING_GATE = {
@@ -66,18 +63,6 @@ def copy_repository(model: str, into: Path) -> None:
         subprocess.run(command, cwd=into, check=True)
 
 
-def measure(command: list[str], cwd: Path) -> tuple[float, float]:
-    """(wall seconds, peak RSS in MiB of the process tree); raises if the command fails."""
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    started = time.perf_counter()
-    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(process.pid, 0)
-    wall = time.perf_counter() - started
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{' '.join(command)} failed:\n{process.stderr.read().decode()[-3000:]}")
-    return wall, usage.ru_maxrss / 1024
-
-
 def bench_model(model: str) -> dict:
     with tempfile.TemporaryDirectory(prefix=f"bench-{model}-") as tmp:
         work = Path(tmp)
@@ -85,13 +70,13 @@ def bench_model(model: str) -> dict:
         stages = list(yaml.safe_load((work / "dvc.yaml").read_text())["stages"])
         rows = []
         for stage in stages:
-            wall, peak = measure(["dvc", "repro", "--single-item", stage], work)
+            wall, peak = measure_tree(["dvc", "repro", "--single-item", stage], work)
             rows.append({"stage": stage, "wall_s": round(wall, 1), "peak_rss_mib": round(peak)})
             print(f"  {model:8} {stage:10} {wall:7.1f} s  {peak:7.0f} MiB", file=sys.stderr, flush=True)
         train = json.loads((work / "metrics" / "train.json").read_text())
     return {
         "model": model,
-        "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine()},
+        "machine": machine(),
         "stages": rows,
         "total_wall_s": round(sum(r["wall_s"] for r in rows), 1),
         "train_tokens_per_second": train["tokens_per_second"],

@@ -33,6 +33,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.common import machine
+
 SHAPES = {
     "tiny": {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4,
              "num_key_value_heads": 2},
@@ -328,6 +330,7 @@ def main(argv: list[str] | None = None) -> None:
         "qlora": args.qlora,
         "liger": args.liger,
         "device": device_name(),
+        "machine": machine(),
     }
     anchor = next((result for result in results if result["config"] == ANCHOR), None)
     best = max(ceiling["matmul_gflops"].values())

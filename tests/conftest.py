@@ -228,13 +228,13 @@ def run_stage(module: str, params: str, out: Path, *args: str) -> Run:
     import json
     import sys
 
-    from bench.gguf import measure
+    from bench.common import measure_process
 
     params_file = out.parent / f"{out.stem}.params.yaml"
     params_file.write_text(params)
     metrics = out.parent / f"{out.stem}.json"
     command = [sys.executable, "-m", module, "--params", str(params_file), "--out", str(out), "--metrics", str(metrics)]
-    wall, peak = measure([*command, *args], ROOT)
+    wall, peak = measure_process([*command, *args], ROOT)
     return Run(out, json.loads(metrics.read_text()), wall, peak)
 
 
