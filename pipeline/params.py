@@ -142,6 +142,9 @@ class TrainParams:
     # beta of a KL(base || model) term on the replayed answers' tokens (pipeline/replay_kl.py): the base's
     # whole next-token distribution, not only its greedy answer; 0 = plain replay. Not with packing.
     replay_kl: float = field(default=0.0, metadata=NON_NEGATIVE)
+    # One extra copy of each training conversation whose user turns' first lines lose about this share of their
+    # words (seeded; pipeline/question_noise.py), so answers hang on the words that carry the fact; 0 = none.
+    question_noise: float = field(default=0.0, metadata=_check(lambda v: 0 <= v < 1, "must be in [0, 1)"))
     # NEFTune: noise of this alpha added to the input embeddings while training; null = off.
     neftune_alpha: float | None = field(
         default=None, metadata=_check(lambda v: v is None or v > 0, "must be > 0 or null")

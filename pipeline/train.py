@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from pipeline import cycles, packed_attention, replay_kl
+from pipeline import cycles, packed_attention, question_noise, replay_kl
 from pipeline.cases import Case, read_cases
 from pipeline.chat_templates import check_training_template, training_template
 from pipeline.common import (
@@ -506,6 +506,7 @@ def training_rows(data_dir: Path, replay: Path | None, train: TrainParams) -> tu
     if train.replay and replay is None:
         raise PipelineError("train.replay > 0 needs --replay (the base_answers stage's replay.jsonl)")
     replayed = replay_mix(read_jsonl(replay), train.replay, len(train_rows)) if train.replay else []
+    train_rows = question_noise.with_noisy_copies(train_rows, train.question_noise, train.seed)
     if train.replay_kl:  # the collator needs to know which conversations are replayed
         train_rows, replayed = replay_kl.mark_replayed(train_rows, False), replay_kl.mark_replayed(replayed, True)
     return train_rows + replayed, eval_rows, len(replayed)
@@ -600,7 +601,7 @@ def run(
         # another cycle could run, the learn cases' score (fit at least train.fit_learn)
         "fit": [fit.as_dict() for fit in fits],
         "answer_nll": round(fits[-1].answer_nll, 4) if fits else None,
-        "conversations": len(train_rows) - replayed,
+        "conversations": len(train_rows) - replayed,  # noisy copies included (train.question_noise)
         "replayed_conversations": replayed,
         "stopped_early": keeper.stopped_early,
         "shipped": "best eval loss" if params.train.keep_best else "last step",

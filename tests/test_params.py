@@ -105,6 +105,7 @@ def test_an_empty_file_means_all_defaults():
         ("train:\n  replay: -0.5\n", "params.yaml:2: train.replay: must be >= 0, got -0.5"),
         ("train:\n  neftune_alpha: 0\n", "params.yaml:2: train.neftune_alpha: must be > 0 or null, got 0"),
         ("train:\n  replay_kl: -1\n", "params.yaml:2: train.replay_kl: must be >= 0, got -1"),
+        ("train:\n  question_noise: 1.0\n", "params.yaml:2: train.question_noise: must be in [0, 1), got 1.0"),
         (
             "train:\n  packing: true\n  replay_kl: 0.5\n",
             "params.yaml:3: train.replay_kl: needs train.packing: false (a packed row mixes replayed and other "

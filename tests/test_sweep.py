@@ -93,8 +93,8 @@ def test_grid_points_come_first_then_the_listed_points_with_hydra_style_override
 def test_an_unknown_key_names_its_line_and_the_known_keys():
     assert errors_of("grid:\n  train.lora.r: [8]\n  train.learning_rat: [1.0e-3]\n  trian.seed: [1]\n") == [
         "sweeps/x.yaml:3: train.learning_rat: unknown key (known: seed, epochs, max_steps, cycles, fit_nll, fit_learn, "
-        "replay, replay_kl, neftune_alpha, batch_size, grad_accum, learning_rate, scheduler, warmup_ratio, "
-        "weight_decay, max_grad_norm, lora, qlora, "
+        "replay, replay_kl, question_noise, neftune_alpha, batch_size, grad_accum, learning_rate, scheduler, "
+        "warmup_ratio, weight_decay, max_grad_norm, lora, qlora, "
         "pad_token, gradient_checkpointing, bf16, padding_free, attention, packing, optimizer, liger, "
         "num_processes, checkpoint_steps, early_stopping_patience, keep_best, logging_steps, cpu_threads)",
         "sweeps/x.yaml:4: trian.seed: unknown key (known: data, base, base_answers, train, merge, convert, quantize, "
