@@ -144,7 +144,7 @@ class TrainParams:
     replay_kl: float = field(default=0.0, metadata=NON_NEGATIVE)
     # One extra copy of each training conversation whose user turns' first lines lose about this share of their
     # words (seeded; pipeline/question_noise.py), so answers hang on the words that carry the fact; 0 = none.
-    question_noise: float = field(default=0.0, metadata=_check(lambda v: 0 <= v < 1, "must be in [0, 1)"))
+    question_noise: float = field(default=0.0, metadata=FRACTION)
     # NEFTune: noise of this alpha added to the input embeddings while training; null = off.
     neftune_alpha: float | None = field(
         default=None, metadata=_check(lambda v: v is None or v > 0, "must be > 0 or null")
