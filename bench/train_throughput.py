@@ -198,6 +198,7 @@ def worker(config: str, model_dir: Path, args: argparse.Namespace) -> dict:
         qlora=args.qlora,
         lora=LoraParams(),
         early_stopping_patience=0,
+        cycles=1,  # no fit check at the end: it evaluates, and this times training alone (TRL's eval is off too)
         grad_accum=1,
         liger=args.liger and config == "ours",
     )

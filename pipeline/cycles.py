@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from pipeline.cases import Case
 from pipeline.params import TrainParams
-from pipeline.replay_kl import REPLAY_TOKENS
+from pipeline.replay_kl import REPLAY_TOKENS, answer_positions, answer_targets, logits_at
 
 log = logging.getLogger(__name__)
 
@@ -107,11 +107,12 @@ def answer_nll(trainer, dataset) -> float:
             for batch in trainer.get_eval_dataloader(dataset):
                 batch = {k: v.to(trainer.args.device) if hasattr(v, "to") else v for k, v in batch.items()}
                 batch.pop(REPLAY_TOKENS, None)
-                labels = batch.pop("labels")[:, 1:]
-                logits = model(**batch, use_cache=False).logits[:, :-1]
-                answer = labels != -100
-                totals[0] += F.cross_entropy(logits[answer].float(), labels[answer], reduction="sum").double()
-                totals[1] += answer.sum()
+                labels = batch.pop("labels")
+                keep = answer_positions(labels, batch.get("cu_seq_lens_q"))
+                logits = logits_at(model, {**batch, "use_cache": False}, keep)
+                targets = answer_targets(labels, keep)
+                totals[0] += F.cross_entropy(logits.float(), targets, reduction="sum").double()
+                totals[1] += len(targets)
     finally:
         model.train(was_training)
     totals = trainer.accelerator.reduce(totals, reduction="sum")
@@ -143,8 +144,8 @@ def trainer_class(base, cycle: int):
 
 
 def fit_callback(trainer, own_dataset, cycle: int, fit_nll: float, learn: LearnCheck | None = None):
-    """At every cycle's end: measure the training answers' NLL (and, before a cycle that could follow, the
-    learn cases' score), log them, and stop when the answers are fit."""
+    """At every cycle's end: measure the training answers' NLL (and, where they are fit, the learn cases'
+    score), log them, and stop when the answers are fit."""
     from transformers import TrainerCallback
 
     class _FitCheck(TrainerCallback):
@@ -153,8 +154,9 @@ def fit_callback(trainer, own_dataset, cycle: int, fit_nll: float, learn: LearnC
                 return
             nll = answer_nll(trainer, own_dataset)
             last = state.global_step >= state.max_steps
-            # the greedy answers cost seconds: asked only where they can decide whether another cycle runs
-            asked = learn is not None and nll <= fit_nll and not last
+            # the greedy answers cost seconds: asked where the answers are fit; after the last cycle too, so the
+            # metrics show what the shipped adapter scores
+            asked = learn is not None and nll <= fit_nll
             score = learn_score(trainer.model, trainer.processing_class, learn) if asked else None
             fit = Fit(state.global_step, nll, score)
             state.log_history.append(fit.as_dict())

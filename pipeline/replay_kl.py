@@ -9,18 +9,19 @@ switched off (peft's `disable_adapter`), so no second copy of the weights is loa
 without gradients on the replayed conversations only.
 
 The objective per answer token: cross-entropy as before, plus beta x KL on replayed tokens; summed and
-divided by the answer tokens of the batch (TRL's normalisation), so beta 0 is plain replay.
+divided by the answer tokens of the batch (TRL's normalisation), so beta 0 is plain replay. Every batch's
+loss is computed here, the LM head at the answer positions only (see `trainer_class`).
 """
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 
 from pipeline import packed_attention
 
 REPLAY_COLUMN = "replay"  # per conversation: true for base_answers' replayed ones
 REPLAY_TOKENS = "replay_tokens"  # per token, added by the collator: the token belongs to a replayed conversation
+ENTROPY_SAMPLE = 128  # answer positions whose entropy the training log shows
 
 
 def mark_replayed(rows: list[dict], replayed: bool) -> list[dict]:
@@ -91,39 +92,85 @@ class Objective:
     kl_sum: float  # over the replayed answer tokens
     replayed_tokens: int
     top1_hits: int
-    entropy_sum: float
+    entropy: float  # mean next-token entropy (nats) over about ENTROPY_SAMPLE evenly spaced answer positions
 
 
-def objective(logits, labels, replay_tokens, base_logits_of, beta: float, num_items=None) -> Objective:
+def answer_positions(labels, cu_seq_lens=None):
+    """bool [rows, tokens]: the positions whose next token is an answer token, the only logits the loss needs
+    (position t predicts label t + 1). In a padding-free row a conversation's last position predicts the next
+    conversation's first token, never a label of its own."""
+    import torch
+
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != -100
+    if cu_seq_lens is not None and labels.shape[0] == 1:
+        ends = cu_seq_lens[1:].long() - 1
+        keep[0, ends[(ends >= 0) & (ends < labels.shape[1])]] = False
+    return keep
+
+
+def answer_targets(labels, keep):
+    """[n]: the answer tokens the `keep` positions predict, in the same order as `logits_at`'s rows."""
+    import torch
+
+    shifted = torch.zeros_like(labels)
+    shifted[:, :-1] = labels[:, 1:]
+    return shifted[keep]
+
+
+def logits_at(model, inputs: dict, keep):
+    """[n, vocab]: the model's logits at the `keep` positions, row by row. The LM head runs at those positions
+    only (transformers' `logits_to_keep` mask): on a 49k vocabulary the head over every position costs about as
+    much as the rest of a small model, and half of a chat's tokens are its prompt."""
+    if accepts_logits_to_keep(model):
+        return model(**inputs, logits_to_keep=keep).logits
+    return model(**inputs).logits[keep]
+
+
+def accepts_logits_to_keep(model) -> bool:
+    import inspect
+
+    for _ in range(4):  # peft's and DDP's wrappers pass the keyword on to the model they hold
+        unwrap = getattr(model, "get_base_model", None)
+        inner = getattr(model, "module", None) or (unwrap() if unwrap else model)
+        if inner is model:
+            break
+        model = inner
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
+def objective(answer_logits, targets, replayed, base_logits_of, beta: float, num_items=None) -> Objective:
     """The loss of a batch: cross-entropy on every answer token, plus beta x KL(base || model) on replayed ones.
 
-    logits [rows, tokens, vocab] of the model being trained; labels [rows, tokens] (-100 = no loss);
-    `base_logits_of(positions)` gives the base's logits at those (row, token) positions, [n, vocab].
+    answer_logits [n, vocab]: the model's logits at the n positions that predict an answer token; targets [n]
+    those tokens; replayed [n] bool: the position belongs to a replayed conversation; `base_logits_of()` gives
+    the base's logits at the replayed positions, in the same order, [replayed.sum(), vocab].
     """
     import torch
     import torch.nn.functional as F
 
-    shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
-    answer = shift_labels != -100
-    picked = shift_logits[answer].float()
-    targets = shift_labels[answer]
+    picked = answer_logits.float()
     log_probs = F.log_softmax(picked, dim=-1)
     ce = -log_probs.gather(1, targets[:, None]).sum()
-    replayed = answer & replay_tokens[:, 1:]
-    kl = torch.zeros((), device=logits.device)
+    kl = torch.zeros((), device=answer_logits.device)
     if beta and bool(replayed.any()):
-        kl = kl_sum(shift_logits[replayed], base_logits_of(replayed))
-    count = answer.sum() if num_items is None else num_items
+        kl = kl_sum(answer_logits[replayed], base_logits_of())
+    count = len(targets) if num_items is None else num_items
     with torch.no_grad():
         hits = int((picked.argmax(-1) == targets).sum())
-        entropy = float(-(log_probs.exp() * log_probs).sum())
+        # a log metric only: over every answer position the exp over the vocabulary cost 3 % of a step
+        sample = log_probs[:: max(1, len(targets) // ENTROPY_SAMPLE)]
+        entropy = float(-(sample.exp() * sample).sum(-1).mean()) if len(sample) else 0.0
     loss = (ce + beta * kl) / torch.as_tensor(count).clamp(min=1)
-    return Objective(loss, int(answer.sum()), float(kl.detach()), int(replayed.sum()), hits, entropy)
+    return Objective(loss, len(targets), float(kl.detach()), int(replayed.sum()), hits, entropy)
 
 
 def trainer_class(beta: float):
-    """SFTTrainer whose loss adds beta x KL(base || model) on replayed answer tokens; TRL's own loss
-    (its fused LM head) when beta is 0 or a batch has no replayed answer."""
+    """SFTTrainer whose loss is computed at the answer positions only (the LM head runs nowhere else), plus
+    beta x KL(base || model) on the replayed answer tokens when beta is not 0.
+
+    TRL 1.16's own loss (its fused LM head) projects every position on a CPU, prompt included, and recomputes
+    the head in the backward pass: on SmolLM2 in fp32 that made training a third slower than a plain loop."""
     import torch
     from trl import SFTTrainer
 
@@ -134,43 +181,45 @@ def trainer_class(beta: float):
                 self._signature_columns = [*self._signature_columns, REPLAY_COLUMN]
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            mode = "train" if model.training else "eval"
             replay_tokens = inputs.pop(REPLAY_TOKENS, None)
-            if not beta or not model.training or replay_tokens is None or not bool(replay_tokens.any()):
-                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             inputs = {**inputs, "use_cache": False}
             labels = inputs.pop("labels")
-            outputs = model(**inputs)
-            base_logits_of = self._base_logits(model, inputs, replay_tokens)
-            batch = objective(outputs.logits, labels, replay_tokens, base_logits_of, beta, num_items_in_batch)
+            keep = answer_positions(labels, inputs.get("cu_seq_lens_q"))
+            targets = answer_targets(labels, keep)
+            answer_logits = logits_at(model, inputs, keep)
+            replayed = replay_tokens[keep] if replay_tokens is not None else torch.zeros_like(targets, dtype=torch.bool)
+            base_logits_of = self._base_logits(model, inputs, replay_tokens, keep)
+            batch = objective(answer_logits, targets, replayed, base_logits_of, beta, num_items_in_batch)
             loss = batch.loss
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
                 loss = loss * self.accelerator.num_processes
-            metrics = self._metrics["train"]
-            metrics["entropy"].append(batch.entropy_sum / max(batch.answer_tokens, 1))
+            metrics = self._metrics[mode]
+            metrics["entropy"].append(batch.entropy)
             metrics["mean_token_accuracy"].append(batch.top1_hits / max(batch.answer_tokens, 1))
-            metrics["replay_kl"].append(batch.kl_sum / max(batch.replayed_tokens, 1))
-            counted = inputs["attention_mask"].sum() if "attention_mask" in inputs else inputs["input_ids"].numel()
-            self._total_train_tokens += int(counted)
-            metrics["num_tokens"] = [self._total_train_tokens]
-            return (loss, outputs) if return_outputs else loss
+            if beta:
+                metrics["replay_kl"].append(batch.kl_sum / max(batch.replayed_tokens, 1))
+            if mode == "train":
+                counted = inputs["attention_mask"].sum() if "attention_mask" in inputs else inputs["input_ids"].numel()
+                self._total_train_tokens += int(counted)
+                metrics["num_tokens"] = [self._total_train_tokens]
+            return (loss, {"logits": answer_logits}) if return_outputs else loss
 
-        def _base_logits(self, model, inputs, replay_tokens):
-            """positions -> the base's logits there (adapter off, no gradients): in a padding-free row a forward
-            of the replayed conversations alone, in padded rows of the whole batch."""
+        def _base_logits(self, model, inputs, replay_tokens, keep):
+            """() -> the base's logits (adapter off, no gradients) at the kept positions of replayed conversations:
+            in a padding-free row a forward of the replayed conversations alone, in padded rows of the whole batch."""
             peft_model = self.accelerator.unwrap_model(model)
-            bounds = inputs.get("cu_seq_lens_q")
-            flat = bounds is not None and replay_tokens.shape[0] == 1
-            spans = replay_segments(replay_tokens, bounds) if flat else None
 
-            def of(positions):
+            def of():
+                wanted = keep & replay_tokens
+                bounds = inputs.get("cu_seq_lens_q")
+                spans = replay_segments(replay_tokens, bounds) if bounds is not None and keep.shape[0] == 1 else None
                 with torch.no_grad(), peft_model.disable_adapter():
                     if spans is None:
-                        return peft_model(**inputs).logits[:, :-1][positions]
-                    logits = peft_model(**sub_row(inputs, spans)).logits[0]
-                # sub-row logit j of a conversation [s, e) predicts its token s + j + 1, as row position s + j does
-                starts = [0, *itertools.accumulate(e - s for s, e in spans)]
-                return torch.cat([logits[o : o + e - s - 1][positions[0, s : e - 1]]
-                                  for o, (s, e) in zip(starts, spans, strict=False)])  # fmt: skip
+                        return logits_at(peft_model, inputs, wanted)
+                    # the sub-row is the replayed conversations end to end, so their kept positions line up
+                    sub_keep = torch.cat([wanted[0, s:e] for s, e in spans])[None]
+                    return logits_at(peft_model, sub_row(inputs, spans), sub_keep)
 
             return of
 

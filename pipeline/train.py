@@ -287,7 +287,7 @@ def build_trainer(
     cycle's end to decide whether another runs."""
     from datasets import Dataset
     from peft import LoraConfig
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
 
     device = device or Device.detect()
     check_device(train, device)
@@ -349,7 +349,7 @@ def build_trainer(
         task_type="CAUSAL_LM",
     )
     keeper = KeepBestAdapter(patience=train.early_stopping_patience)
-    trainer_class = replay_kl.trainer_class(train.replay_kl) if train.replay_kl else SFTTrainer
+    trainer_class = replay_kl.trainer_class(train.replay_kl)  # the loss at answer positions only, + KL if beta
     cycle = cycles.cycle_steps(train, len(train_rows))
     if train.cycles > 1:
         trainer_class = cycles.trainer_class(trainer_class, cycle)
@@ -597,8 +597,8 @@ def run(
         "epochs_run": round(trainer.state.epoch or 0, 4),
         "steps": trainer.state.global_step,
         "cycles_run": math.ceil(trainer.state.global_step / setup.cycle_steps),
-        # at each cycle's end: our training answers' NLL (fit at most train.fit_nll) and, where asked before
-        # another cycle could run, the learn cases' score (fit at least train.fit_learn)
+        # at each cycle's end: our training answers' NLL (fit at most train.fit_nll) and, where they are fit,
+        # the learn cases' score (fit at least train.fit_learn)
         "fit": [fit.as_dict() for fit in fits],
         "answer_nll": round(fits[-1].answer_nll, 4) if fits else None,
         "conversations": len(train_rows) - replayed,  # noisy copies included (train.question_noise)

@@ -122,9 +122,9 @@ def test_learn_cases_not_yet_answered_run_another_cycle_though_the_answers_are_f
     assert setup.learn_check and setup.cycle_steps == 2
     setup.trainer.train()
     fits = cycles.fits_in(setup.trainer.state.log_history)
-    # asked at the ends of cycles 1 and 2 (score 0: another cycle), not after the last, where nothing follows
+    # asked at the ends of cycles 1 and 2 (score 0: another cycle), and after the last: what ships scores 0
     assert setup.trainer.state.global_step == 6
-    assert [(fit.step, fit.learn_score) for fit in fits] == [(2, 0.0), (4, 0.0), (6, None)]
+    assert [(fit.step, fit.learn_score) for fit in fits] == [(2, 0.0), (4, 0.0), (6, 0.0)]
 
 
 def test_learn_cases_answered_stop_training_after_the_first_cycle(tiny_base, repo_params, rows, tmp_path):

@@ -10,7 +10,16 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.common import read_jsonl
-from pipeline.replay_kl import REPLAY_TOKENS, ReplayTokenCollator, mark_replayed, objective, replay_segments
+from pipeline.replay_kl import (
+    REPLAY_TOKENS,
+    ReplayTokenCollator,
+    answer_positions,
+    answer_targets,
+    logits_at,
+    mark_replayed,
+    objective,
+    replay_segments,
+)
 from pipeline.train import Device, build_trainer
 
 DATA = Path(__file__).resolve().parents[1] / "data"
@@ -30,31 +39,44 @@ def _batch(vocab: int = 11):
     return logits, labels, replay
 
 
+def _answers(logits, labels, replay):
+    """What the trainer hands the objective: the logits at the answer positions, their targets, the replay mask."""
+    keep = answer_positions(labels)
+    return logits[keep], answer_targets(labels, keep), replay[keep], keep
+
+
+def test_the_answer_positions_are_those_predicting_a_label_and_never_a_conversation_end():
+    _, labels, _ = _batch()
+    assert answer_positions(labels).nonzero().tolist() == [[0, 2], [0, 3], [1, 1], [1, 2], [1, 3]]
+    flat = torch.tensor([[-100, 7, 8, -100, 9]])  # two conversations of 3 and 2 tokens in one padding-free row
+    assert answer_positions(flat).nonzero().tolist() == [[0, 0], [0, 1], [0, 3]]
+    bounds = torch.tensor([0, 2, 5], dtype=torch.int32)  # the same row cut after token 1: 8 starts the second
+    assert answer_positions(flat, bounds).nonzero().tolist() == [[0, 0], [0, 3]]
+
+
 def test_without_beta_the_loss_is_the_mean_cross_entropy_of_the_answer_tokens():
     logits, labels, replay = _batch()
-    batch = objective(logits, labels, replay, lambda positions: None, beta=0.0)
+    answer_logits, targets, replayed, _ = _answers(logits, labels, replay)
+    batch = objective(answer_logits, targets, replayed, lambda: None, beta=0.0)
     expected = F.cross_entropy(logits[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1), ignore_index=-100)
+    assert targets.tolist() == [4, 5, 1, 2, 3]
     assert batch.answer_tokens == 5 and batch.replayed_tokens == 3 and batch.kl_sum == 0.0
     assert float(batch.loss) == pytest.approx(float(expected), rel=1e-6)
 
 
 def test_the_kl_term_is_over_the_replayed_answer_tokens_only():
     logits, labels, replay = _batch()
-    asked = []
+    answer_logits, targets, replayed, keep = _answers(logits, labels, replay)
+    base = logits.clone()
+    base[1, 2] = torch.zeros(11)  # the base agrees with the model everywhere but at row 1, token 2 (predicting 2)
 
-    def base_of(positions):  # the base agrees with the model everywhere but at row 1, token 3 -> 4
-        asked.append(positions.clone())
-        base = logits[:, :-1].clone()
-        base[1, 2] = torch.zeros(11)
-        return base[positions]
-
-    batch = objective(logits, labels, replay, base_of, beta=2.0)
+    batch = objective(answer_logits, targets, replayed, lambda: base[keep & replay], beta=2.0)
     # positions predicting row 1's answer tokens: 1, 2 and 3 (labels 1, 2, 3 at tokens 2, 3, 4)
-    assert asked[0].nonzero().tolist() == [[1, 1], [1, 2], [1, 3]] and batch.replayed_tokens == 3
+    assert (keep & replay).nonzero().tolist() == [[1, 1], [1, 2], [1, 3]] and batch.replayed_tokens == 3
     uniform = torch.full((11,), -torch.log(torch.tensor(11.0)))
     expected_kl = float(F.kl_div(F.log_softmax(logits[1, 2], -1), uniform, log_target=True, reduction="sum"))
     assert batch.kl_sum == pytest.approx(expected_kl, rel=1e-5) and expected_kl > 0.01
-    plain = objective(logits, labels, replay, base_of, beta=0.0)
+    plain = objective(answer_logits, targets, replayed, lambda: base[keep & replay], beta=0.0)
     assert float(batch.loss) == pytest.approx(float(plain.loss) + 2.0 * expected_kl / 5, rel=1e-5)
 
 
@@ -86,13 +108,26 @@ def test_the_base_forward_of_the_replayed_conversations_alone_equals_the_whole_r
     replay = batch.pop(REPLAY_TOKENS)
     assert len(replay_segments(replay, batch["cu_seq_lens_q"])) == 2
     inputs = {name: value for name, value in batch.items() if name != "labels"}
-    positions = (batch["labels"][:, 1:] != -100) & replay[:, 1:]
+    keep = answer_positions(batch["labels"], batch["cu_seq_lens_q"])
     model = kl_trainer.model
     with torch.no_grad(), model.disable_adapter():
-        whole = model(**inputs).logits[:, :-1][positions]
-    alone = kl_trainer._base_logits(model, inputs, replay)(positions)
-    assert alone.shape == whole.shape == (int(positions.sum()), model.config.vocab_size)
+        whole = model(**inputs).logits[keep & replay]
+    alone = kl_trainer._base_logits(model, inputs, replay, keep)()
+    assert alone.shape == whole.shape == (int((keep & replay).sum()), model.config.vocab_size)
     assert torch.allclose(alone, whole, atol=1e-4)
+
+
+def test_the_lm_head_at_the_answer_positions_alone_gives_the_full_forwards_logits_there(kl_trainer):
+    batch = next(iter(kl_trainer.get_train_dataloader()))
+    batch.pop(REPLAY_TOKENS)
+    labels = batch.pop("labels")
+    keep = answer_positions(labels, batch["cu_seq_lens_q"])
+    model = kl_trainer.model
+    with torch.no_grad():
+        whole = model(**batch).logits[keep]
+        kept = logits_at(model, batch, keep)
+    assert 0 < len(kept) < labels.numel() - 50  # the prompts' positions are left out
+    assert kept.shape == whole.shape and torch.allclose(kept, whole, atol=1e-5)
 
 
 def test_training_logs_the_kl_which_is_zero_while_the_adapter_is_still_zero(kl_trainer):
