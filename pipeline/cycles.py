@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from pipeline.cases import Case
 from pipeline.params import TrainParams
-from pipeline.replay_kl import REPLAY_TOKENS, answer_positions, answer_targets, logits_at
+from pipeline.replay_kl import REPLAY_TOKENS, at_answers
 
 log = logging.getLogger(__name__)
 
@@ -108,9 +108,7 @@ def answer_nll(trainer, dataset) -> float:
                 batch = {k: v.to(trainer.args.device) if hasattr(v, "to") else v for k, v in batch.items()}
                 batch.pop(REPLAY_TOKENS, None)
                 labels = batch.pop("labels")
-                keep = answer_positions(labels, batch.get("cu_seq_lens_q"))
-                logits = logits_at(model, {**batch, "use_cache": False}, keep)
-                targets = answer_targets(labels, keep)
+                _, logits, targets = at_answers(model, {**batch, "use_cache": False}, labels)
                 totals[0] += F.cross_entropy(logits.float(), targets, reduction="sum").double()
                 totals[1] += len(targets)
     finally:

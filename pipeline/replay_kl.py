@@ -127,6 +127,13 @@ def logits_at(model, inputs: dict, keep):
     return model(**inputs).logits[keep]
 
 
+def at_answers(model, inputs: dict, labels):
+    """(keep, logits [n, vocab], targets [n]): the answer positions of a batch (padding-free bounds read from
+    `inputs`), the model's logits there and the answer tokens they predict: what the loss and the fit check read."""
+    keep = answer_positions(labels, inputs.get("cu_seq_lens_q"))
+    return keep, logits_at(model, inputs, keep), answer_targets(labels, keep)
+
+
 def accepts_logits_to_keep(model) -> bool:
     import inspect
 
@@ -185,9 +192,7 @@ def trainer_class(beta: float):
             replay_tokens = inputs.pop(REPLAY_TOKENS, None)
             inputs = {**inputs, "use_cache": False}
             labels = inputs.pop("labels")
-            keep = answer_positions(labels, inputs.get("cu_seq_lens_q"))
-            targets = answer_targets(labels, keep)
-            answer_logits = logits_at(model, inputs, keep)
+            keep, answer_logits, targets = at_answers(model, inputs, labels)
             replayed = replay_tokens[keep] if replay_tokens is not None else torch.zeros_like(targets, dtype=torch.bool)
             base_logits_of = self._base_logits(model, inputs, replay_tokens, keep)
             batch = objective(answer_logits, targets, replayed, base_logits_of, beta, num_items_in_batch)
